@@ -1,0 +1,155 @@
+"""One base model shared by the compressor (encoder) and the decoder, with named PEFT LoRA adapters.
+
+Encoder and decoder are the same LLaMA-family weights (as in LLoCO, where the AutoCompressor is
+both); only which LoRA adapter is active differs. Sharing saves a full model copy in memory.
+Every forward pass runs under ``lock`` because the active adapter is global model state.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .models import DEFAULT_MODEL, load_base_model
+
+BASE = "__base__"  # PEFT's name for "no adapter" in mixed-adapter batches
+
+
+class UnknownAdapterError(KeyError):
+    def __str__(self) -> str:  # KeyError quotes its message; we want a plain sentence
+        return str(self.args[0])
+
+
+class Backbone:
+    """A causal LM plus tokenizer, with LoRA adapters loaded by name."""
+
+    def __init__(self, model, tokenizer, name_or_path: str):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name_or_path = name_or_path
+        self.lock = threading.RLock()
+        self._peft = False
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, device=None, dtype=None) -> "Backbone":
+        model, tokenizer = load_base_model(name_or_path, device=device, dtype=dtype)
+        return cls(model, tokenizer, name_or_path)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[1]
+
+    @property
+    def context_window(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    @property
+    def adapters(self) -> list[str]:
+        return sorted(self.model.peft_config) if self._peft else []
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(ids.to(self.device))
+
+    def load_adapter(self, path: str | Path, name: str, trainable: bool = False) -> None:
+        """Load a PEFT LoRA adapter folder under ``name`` after checking it fits this base model."""
+        from peft import PeftModel
+
+        path = Path(path)
+        cfg_file = path / "adapter_config.json"
+        if not cfg_file.is_file():
+            raise UnknownAdapterError(f"adapter not found: {path} has no adapter_config.json")
+        if not (path / "adapter_model.safetensors").is_file():
+            raise ValueError(f"{path}: adapter weights must be in adapter_model.safetensors (pickles are refused)")
+        _check_adapter_shapes(path, self.model)
+        with self.lock:
+            if self._peft:
+                if name in self.model.peft_config:
+                    self.model.delete_adapter(name)
+                self.model.load_adapter(str(path), adapter_name=name, is_trainable=trainable)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name,
+                                                       is_trainable=trainable)
+                self._peft = True
+            self.model.eval()
+
+    def add_adapter(self, name: str, lora_config) -> None:
+        """Attach a fresh (trainable) LoRA adapter, e.g. for training."""
+        from peft import get_peft_model
+
+        with self.lock:
+            if self._peft:
+                self.model.add_adapter(name, lora_config)
+            else:
+                self.model = get_peft_model(self.model, lora_config, adapter_name=name)
+                self._peft = True
+
+    def unload_adapter(self, name: str) -> None:
+        self._require(name)
+        with self.lock:
+            self.model.delete_adapter(name)
+
+    def _require(self, name: str | None) -> None:
+        if name not in (None, BASE) and name not in self.adapters:
+            raise UnknownAdapterError(f"unknown adapter {name!r}; loaded adapters: {self.adapters or 'none'}")
+
+    @contextmanager
+    def use(self, name: str | None) -> Iterator[None]:
+        """Run the enclosed forward passes with adapter ``name`` (``None``: the plain base model)."""
+        self._require(name)
+        with self.lock:
+            if not self._peft:
+                yield
+            elif name in (None, BASE):
+                with self.model.disable_adapter():
+                    yield
+            else:
+                trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+                self.model.set_adapter(name)
+                for n, p in self.model.named_parameters():  # set_adapter freezes the others
+                    p.requires_grad_(n in trainable)
+                yield
+
+    def forward_mixed(self, adapters: list[str | None], **kwargs):
+        """One forward pass where row i uses adapter ``adapters[i]`` (PEFT mixed-batch LoRA)."""
+        for a in set(adapters):
+            self._require(a)
+        with self.lock:
+            if len(set(adapters)) == 1:
+                with self.use(adapters[0]):
+                    return self.model(**kwargs)
+            names = [BASE if a is None else a for a in adapters]
+            return self.model(adapter_names=names, **kwargs)
+
+
+def _check_adapter_shapes(path: Path, model) -> None:
+    """Refuse an adapter made for another base model with a clear message instead of a shape crash."""
+    from safetensors import safe_open
+
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    modules = dict(base.named_modules())
+    with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
+        for key in f.keys():
+            if ".lora_A." not in key:
+                continue
+            mod_name = key.split(".lora_A.")[0].removeprefix("base_model.model.")
+            mod = modules.get(mod_name)
+            in_features = f.get_slice(key).get_shape()[1]
+            if mod is None or getattr(mod, "in_features", in_features) != in_features:
+                raise ValueError(
+                    f"{path}: adapter was trained for another base model "
+                    f"(base_model_name_or_path={cfg.get('base_model_name_or_path')!r}); "
+                    f"module {mod_name} does not match")

@@ -1,0 +1,191 @@
+"""AutoCompressor-style context compressor: a text segment -> ``summary_tokens`` soft-prompt vectors.
+
+Each segment is followed by ``summary_tokens`` learned embeddings (their own table, like
+AutoCompressor's ``embed_summary``); the encoder (base model + optional encoder LoRA) runs over
+``[segment, summary]`` and the final hidden states (after the final norm) at the summary positions
+are the segment's compressed form. Segments are compressed independently, so any retrieved
+subset of chunks can be assembled in any order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .backbone import Backbone
+
+ENCODER_ADAPTER = "lloco_encoder"
+CONFIG_NAME = "compressor_config.json"
+SUMMARY_NAME = "summary_embeddings.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class CompressorConfig:
+    """How text becomes vectors. Saved with the compressor; part of the store fingerprint."""
+
+    base_model: str = field(default="smollm2-135m", metadata={"help": "embedded name, local folder or hub id"})
+    segment_tokens: int = field(default=512, metadata={"help": "max text tokens per segment"})
+    summary_tokens: int = field(default=24, metadata={"help": "vectors per segment (512/24 = 21.3x)"})
+    hidden_size: int = field(default=576, metadata={"help": "must equal the base model's hidden size"})
+    has_encoder_adapter: bool = field(default=False, metadata={"help": "an encoder LoRA is in encoder/"})
+    store_dtype: str = field(default="float16", metadata={"help": "dtype of cached vectors"})
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.segment_tokens < 1 or self.summary_tokens < 1:
+            raise ValueError("segment_tokens and summary_tokens must be >= 1")
+        if self.store_dtype not in ("float16", "bfloat16", "float32"):
+            raise ValueError(f"store_dtype must be float16, bfloat16 or float32, got {self.store_dtype!r}")
+
+    @property
+    def ratio(self) -> float:
+        """Text tokens per vector for a full segment."""
+        return self.segment_tokens / self.summary_tokens
+
+    @classmethod
+    def from_json(cls, path: Path) -> "CompressorConfig":
+        raw = json.loads(Path(path).read_text())
+        known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
+        if raw.get("format_version", 1) > FORMAT_VERSION:
+            raise ValueError(f"{path}: made by a newer lloco-index (format {raw['format_version']}); upgrade")
+        return cls(**known)
+
+
+class ContextCompressor:
+    """Compress texts into ``[n_segments * summary_tokens, hidden]`` tensors.
+
+    Example::
+
+        comp = ContextCompressor.from_pretrained(backbone)           # bundled default
+        vecs = comp.compress("A long text ...")                       # Tensor [24, 576]
+    """
+
+    def __init__(self, backbone: Backbone, config: CompressorConfig, summary_embeddings: torch.Tensor):
+        if summary_embeddings.shape != (config.summary_tokens, backbone.hidden_size):
+            raise ValueError(
+                f"summary embeddings have shape {tuple(summary_embeddings.shape)}, expected "
+                f"({config.summary_tokens}, {backbone.hidden_size}) for this base model")
+        self.backbone = backbone
+        self.config = config
+        self.summary = torch.nn.Parameter(summary_embeddings.to(backbone.device, torch.float32))
+        self._fingerprint: str | None = None
+
+    @classmethod
+    def untrained(cls, backbone: Backbone, config: CompressorConfig | None = None) -> "ContextCompressor":
+        """Summary embeddings initialised to the EOS embedding, as AutoCompressor does."""
+        config = config or CompressorConfig(base_model=backbone.name_or_path, hidden_size=backbone.hidden_size)
+        eos = backbone.tokenizer.eos_token_id
+        init = backbone.model.get_input_embeddings().weight[eos].detach().float()
+        return cls(backbone, config, init.expand(config.summary_tokens, -1).clone())
+
+    @classmethod
+    def from_pretrained(cls, backbone: Backbone, path: str | Path) -> "ContextCompressor":
+        path = Path(path)
+        if not (path / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{path}: not a compressor folder (no {CONFIG_NAME})")
+        config = CompressorConfig.from_json(path / CONFIG_NAME)
+        if config.hidden_size != backbone.hidden_size:
+            raise ValueError(f"{path}: compressor was trained for hidden size {config.hidden_size}, "
+                             f"base model {backbone.name_or_path!r} has {backbone.hidden_size}")
+        summary = load_file(str(path / SUMMARY_NAME))["summary_embeddings"]
+        if config.has_encoder_adapter:
+            backbone.load_adapter(path / "encoder", ENCODER_ADAPTER)
+        return cls(backbone, config, summary)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.config.has_encoder_adapter = ENCODER_ADAPTER in self.backbone.adapters
+        if self.config.has_encoder_adapter:
+            self.backbone.model.save_pretrained(str(path / "encoder"), selected_adapters=[ENCODER_ADAPTER])
+            nested = path / "encoder" / ENCODER_ADAPTER  # PEFT nests non-default adapter names
+            if nested.is_dir():
+                for f in nested.iterdir():
+                    f.replace(path / "encoder" / f.name)
+                nested.rmdir()
+        save_file({"summary_embeddings": self.summary.detach().float().cpu().contiguous()}, str(path / SUMMARY_NAME))
+        (path / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2, sort_keys=True))
+        self._fingerprint = None
+
+    @property
+    def encoder_adapter(self) -> str | None:
+        return ENCODER_ADAPTER if ENCODER_ADAPTER in self.backbone.adapters else None
+
+    def fingerprint(self) -> str:
+        """Hash of config, summary embeddings, encoder adapter and a sample of base weights.
+
+        Two compressors with the same fingerprint produce the same vectors, so a store keyed by it
+        can never serve vectors from another compressor.
+        """
+        if self._fingerprint is None:
+            h = hashlib.sha256(json.dumps(asdict(self.config), sort_keys=True).encode())
+            h.update(self.summary.detach().float().cpu().numpy().tobytes())
+            for name, p in sorted(self.backbone.model.named_parameters()):
+                if "lora_" in name and ENCODER_ADAPTER not in name:
+                    continue  # decoder adapters do not change the vectors
+                h.update(name.encode() + str(tuple(p.shape)).encode())
+                h.update(p.detach().flatten()[:2048].float().cpu().numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:32]
+        return self._fingerprint
+
+    def segments(self, text: str) -> list[list[int]]:
+        ids = self.backbone.tokenizer(text, add_special_tokens=False)["input_ids"]
+        n = self.config.segment_tokens
+        return [ids[i:i + n] for i in range(0, len(ids), n)]
+
+    def encode_segments(self, segments: list[list[int]], grad: bool = False) -> torch.Tensor:
+        """Encode token-id segments (one batch) into ``[B, summary_tokens, hidden]``.
+
+        Left-padded so the summary positions are the last ``summary_tokens`` of every row, with
+        positions counted from each row's first real token. ``grad=True`` is the training path.
+        """
+        bb, k = self.backbone, self.config.summary_tokens
+        width = max(len(s) for s in segments)
+        pad = bb.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(s)) + s for s in segments], device=bb.device)
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * (len(s) + k) for s in segments], device=bb.device)
+        summary = self.summary.to(bb.dtype).unsqueeze(0).expand(len(segments), -1, -1)
+        embeds = torch.cat([bb.embed(ids), summary], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with bb.use(self.encoder_adapter), torch.set_grad_enabled(grad):
+            # the decoder stack alone: its last_hidden_state is after the final norm, and the
+            # vocabulary projection (the costliest matmul for a small model) is skipped
+            out = bb.model.get_decoder()(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                         use_cache=False)
+        return out.last_hidden_state[:, -k:]
+
+    @torch.inference_mode()
+    def compress(self, texts: str | list[str], batch_size: int = 16,
+                 show_progress_bar: bool = False) -> torch.Tensor | list[torch.Tensor]:
+        """Compress each text (any length: several segments) into a CPU tensor in ``store_dtype``.
+
+        Segments are sorted by length so batches carry little padding; results come back in input order.
+        """
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+        owners: list[int] = []
+        segs: list[list[int]] = []
+        for i, t in enumerate(texts):
+            s = self.segments(t)
+            if not s:
+                raise ValueError(f"text {i} is empty: nothing to compress")
+            owners += [i] * len(s)
+            segs += s
+        order = sorted(range(len(segs)), key=lambda j: len(segs[j]), reverse=True)
+        outs: list[torch.Tensor | None] = [None] * len(segs)
+        dtype = getattr(torch, self.config.store_dtype)
+        from tqdm.auto import tqdm
+
+        for b in tqdm(range(0, len(order), batch_size), disable=not show_progress_bar, desc="compress"):
+            idx = order[b:b + batch_size]
+            vecs = self.encode_segments([segs[j] for j in idx]).to("cpu", dtype)
+            for j, v in zip(idx, vecs):
+                outs[j] = v.clone()
+        per_text = [torch.cat([outs[j] for j in range(len(segs)) if owners[j] == i]) for i in range(len(texts))]
+        return per_text[0] if single else per_text

@@ -1,0 +1,208 @@
+"""Generate from an ordered mix of text pieces and compressed vectors.
+
+Text is embedded with the decoder's own embedding table, vectors are spliced in between, and all
+positions are ordinary consecutive ones (as LLoCO feeds AutoCompressor summaries). Batches are
+left-padded; each row may use a different LoRA adapter (PEFT mixed-batch forward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence, Union
+
+import torch
+
+from .backbone import Backbone
+
+Piece = Union[str, torch.Tensor]
+_MARK = "\x00lloco{}\x00"  # placeholder that no tokenizer merges with neighbours and no user types
+
+
+class PromptTooLongError(ValueError):
+    """The assembled prompt does not fit the decoder's context window (never silently truncated)."""
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = field(default=64, metadata={"help": "tokens to generate at most"})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
+    stop: tuple[str, ...] = field(default=(), metadata={"help": "strings that end generation"})
+    seed: int = field(default=0, metadata={"help": "sampling seed (ignored when greedy)"})
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("need temperature >= 0 and 0 < top_p <= 1")
+        self.stop = tuple(self.stop)
+
+
+@dataclass
+class Generation:
+    text: str
+    prompt_tokens: int  # decoder input positions, vectors included
+    new_tokens: int
+    finish_reason: str  # "stop" (EOS or stop string) or "length"
+
+
+class Generator:
+    """Decoder side of LLoCO over a shared ``Backbone``."""
+
+    def __init__(self, backbone: Backbone):
+        self.backbone = backbone
+        tok = backbone.tokenizer
+        eos = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
+        gen_eos = getattr(getattr(backbone.model, "generation_config", None), "eos_token_id", None)
+        eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        self.eos_ids = sorted(i for i in eos if isinstance(i, int) and i != tok.unk_token_id and i >= 0)
+
+    def chat_pieces(self, user: Sequence[Piece], system: str | None = None) -> list[Piece]:
+        """Wrap pieces in the model's chat template (vectors stay in place inside the user turn)."""
+        tok = self.backbone.tokenizer
+        tensors = [p for p in user if isinstance(p, torch.Tensor)]
+        content, j = "", 0
+        for p in user:
+            if isinstance(p, torch.Tensor):
+                content += _MARK.format(j)
+                j += 1
+            else:
+                content += p
+        if not tok.chat_template:
+            return list(user)
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+        rendered = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        out: list[Piece] = []
+        for i, t in enumerate(tensors):
+            before, rendered = rendered.split(_MARK.format(i), 1)
+            out += [before, t]
+        out.append(rendered)
+        return [p for p in out if not (isinstance(p, str) and p == "")]
+
+    def embed_pieces(self, pieces: Sequence[Piece]) -> torch.Tensor:
+        """``[positions, hidden]`` decoder input for one prompt."""
+        bb = self.backbone
+        parts = []
+        for p in pieces:
+            if isinstance(p, torch.Tensor):
+                if p.ndim != 2 or p.shape[1] != bb.hidden_size:
+                    raise ValueError(f"vectors must be [n, {bb.hidden_size}], got {tuple(p.shape)}")
+                parts.append(p.to(bb.device, bb.dtype))
+            else:
+                ids = bb.tokenizer(p, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+                parts.append(bb.embed(ids).to(bb.dtype))
+        return torch.cat(parts) if parts else torch.zeros(0, bb.hidden_size, device=bb.device, dtype=bb.dtype)
+
+    def count_positions(self, pieces: Sequence[Piece]) -> int:
+        tok = self.backbone.tokenizer
+        return sum(p.shape[0] if isinstance(p, torch.Tensor) else len(tok(p, add_special_tokens=False)["input_ids"])
+                   for p in pieces)
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Sequence[Piece]], config: GenerationConfig | None = None,
+                 adapters: Sequence[str | None] | str | None = None) -> list[Generation]:
+        """Generate for a batch of prompts (each a piece list, already chat-wrapped if wanted)."""
+        config = config or GenerationConfig()
+        texts = [""] * len(prompts)
+        state = None
+        for state in self._decode(prompts, config, adapters):
+            pass
+        ids, lengths, reasons = state
+        tok = self.backbone.tokenizer
+        for i in range(len(prompts)):
+            texts[i] = _apply_stop(tok.decode(ids[i], skip_special_tokens=True), config.stop)[0]
+        return [Generation(texts[i], lengths[i], len(ids[i]), reasons[i]) for i in range(len(prompts))]
+
+    def stream(self, pieces: Sequence[Piece], config: GenerationConfig | None = None,
+               adapter: str | None = None) -> Iterator[str]:
+        """Yield text deltas for one prompt as tokens are produced."""
+        config = config or GenerationConfig()
+        tok = self.backbone.tokenizer
+        sent = ""
+        with torch.inference_mode():
+            for ids, _, reasons in self._decode([pieces], config, [adapter]):
+                text, stopped = _apply_stop(tok.decode(ids[0], skip_special_tokens=True), config.stop)
+                if not stopped:  # hold back a possible partial stop string or partial UTF-8 char
+                    text = _hold_back(text, config.stop)
+                if len(text) > len(sent):
+                    yield text[len(sent):]
+                    sent = text
+                if stopped or reasons[0]:
+                    break
+
+    def _decode(self, prompts, config: GenerationConfig, adapters):
+        """Core loop: yields ``(generated ids per row, prompt positions per row, finish reasons)``."""
+        bb = self.backbone
+        if adapters is None or isinstance(adapters, str):
+            adapters = [adapters] * len(prompts)
+        if len(adapters) != len(prompts):
+            raise ValueError("need one adapter name per prompt")
+        embeds = [self.embed_pieces(p) for p in prompts]
+        lengths = [e.shape[0] for e in embeds]
+        limit = bb.context_window
+        for n in lengths:
+            if n + config.max_new_tokens > limit:
+                raise PromptTooLongError(
+                    f"prompt needs {n} positions + {config.max_new_tokens} new tokens, but the decoder window is "
+                    f"{limit}; use fewer chunks (--top-k) or fewer/shorter documents")
+        b, width = len(prompts), max(lengths)
+        x = torch.zeros(b, width, bb.hidden_size, device=bb.device, dtype=bb.dtype)
+        mask = torch.zeros(b, width, device=bb.device, dtype=torch.long)
+        for i, e in enumerate(embeds):
+            x[i, width - e.shape[0]:] = e
+            mask[i, width - e.shape[0]:] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        rng = torch.Generator(device=bb.device).manual_seed(config.seed)
+        tok = bb.tokenizer
+        out = bb.forward_mixed(list(adapters), inputs_embeds=x, attention_mask=mask, position_ids=pos,
+                               use_cache=True, logits_to_keep=1)
+        ids: list[list[int]] = [[] for _ in range(b)]
+        reasons: list[str | None] = [None] * b
+        pos = pos[:, -1:]
+        for step in range(config.max_new_tokens):
+            nxt = _sample(out.logits[:, -1].float(), config, rng)
+            for i in range(b):
+                if reasons[i]:
+                    continue
+                t = int(nxt[i])
+                if t in self.eos_ids:
+                    reasons[i] = "stop"
+                    continue
+                ids[i].append(t)
+                if config.stop and _apply_stop(tok.decode(ids[i][-16:], skip_special_tokens=True), config.stop)[1]:
+                    reasons[i] = "stop"
+                elif step == config.max_new_tokens - 1:
+                    reasons[i] = "length"
+            yield ids, lengths, reasons
+            if all(reasons):
+                return
+            # finished rows keep decoding in lockstep; their extra tokens are ignored
+            mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+            pos = pos + 1
+            out = bb.forward_mixed(list(adapters), input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
+                                   past_key_values=out.past_key_values, use_cache=True)
+
+
+def _sample(logits: torch.Tensor, config: GenerationConfig, rng: torch.Generator) -> torch.Tensor:
+    if config.temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / config.temperature, dim=-1)
+    if config.top_p < 1:
+        sorted_p, idx = probs.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < config.top_p
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p * keep)
+    return torch.multinomial(probs, 1, generator=rng)[:, 0]
+
+
+def _apply_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _hold_back(text: str, stop: tuple[str, ...]) -> str:
+    text = text.rstrip("\ufffd")
+    for s in stop:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                return text[:-k]
+    return text
