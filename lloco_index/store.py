@@ -239,17 +239,17 @@ class CompressedStore:
         return [out[k] for k in keys]
 
     def chunks(self, keys: list[str] | None = None) -> list[StoredChunk]:
-        """Stored chunk metadata and text, in insertion order (all when ``keys`` is None)."""
+        """Stored chunk metadata and text in insertion order (document order); all when ``keys`` is None."""
         db = self._db()
         if keys is None:
             rows = db.execute("SELECT key, text, source_tokens, n_vectors FROM chunks ORDER BY rowid").fetchall()
             return [StoredChunk(*r) for r in rows]
-        found = {}
+        found = []
         for i in range(0, len(keys), 500):
             part = keys[i:i + 500]
-            q = f"SELECT key, text, source_tokens, n_vectors FROM chunks WHERE key IN ({','.join('?' * len(part))})"
-            found.update({r[0]: StoredChunk(*r) for r in db.execute(q, part)})
-        return [found[k] for k in keys if k in found]
+            q = f"SELECT rowid, key, text, source_tokens, n_vectors FROM chunks WHERE key IN ({','.join('?' * len(part))})"
+            found += db.execute(q, part).fetchall()
+        return [StoredChunk(*r[1:]) for r in sorted(set(found))]
 
     def documents(self) -> list[str]:
         return [r[0] for r in self._db().execute("SELECT DISTINCT doc FROM sources ORDER BY doc")]

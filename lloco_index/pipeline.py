@@ -1,0 +1,243 @@
+"""``LLoCO``: the framework-free facade (ingest -> ask, or whole-document answer).
+
+Example::
+
+    lloco = LLoCO.from_pretrained("smollm2-135m", store="my_store")
+    lloco.ingest(["docs/"])
+    print(lloco.ask("What does the essay say about startups?", top_k=5).answer)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from .backbone import Backbone
+from .chunking import Chunk, chunk_text, iter_text_files, read_text_file
+from .compressor import ContextCompressor
+from .generation import GenerationConfig, Generator, Piece
+from .models import DEFAULT_MODEL
+from .prompts import SYSTEM_PROMPT, qa_pieces
+from .retrieval import BM25
+from .store import CompressedStore, KeyRef, StoreError, chunk_key
+
+logger = logging.getLogger(__name__)
+PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+DEFAULT_ADAPTER = "default"
+
+
+@dataclass
+class Answer:
+    answer: str
+    prompt_tokens: int  # decoder input positions, vectors included
+    source_tokens: int  # tokens of the original text the compressed context stands for
+    context_vectors: int
+    chunks: list[str] = field(default_factory=list)  # keys of the chunks used, in prompt order
+    adapter: str | None = None
+    latency_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class IngestReport:
+    documents: int
+    chunks: int
+    new_chunks: int
+    source_tokens: int
+
+
+def bundled(model: str, part: str) -> Path | None:
+    """Trained defaults shipped in the package (``pretrained/<model>/<part>``), if present."""
+    path = PRETRAINED_DIR / model / part
+    return path if path.is_dir() else None
+
+
+class LLoCO:
+    """Compressor + store + LoRA decoder over one shared base model."""
+
+    def __init__(self, backbone: Backbone, compressor: ContextCompressor, store: CompressedStore | None = None,
+                 adapter: str | None = None, system_prompt: str = SYSTEM_PROMPT):
+        self.backbone = backbone
+        self.compressor = compressor
+        self.generator = Generator(backbone)
+        self.store = store
+        self.adapter = adapter
+        self.system_prompt = system_prompt
+        self._memory: dict[str, tuple[torch.Tensor, int]] = {}  # key -> (vectors, source tokens) without a store
+        self._bm25: tuple[int, BM25, list[str]] | None = None
+
+    @classmethod
+    def from_pretrained(cls, model: str = DEFAULT_MODEL, *, compressor: str | Path | None = None,
+                        adapter: str | Path | None = None, store: str | Path | None = None,
+                        device: str | None = None) -> "LLoCO":
+        """Load the base model, the compressor and a decoder adapter; open or create ``store``.
+
+        Args:
+            model: embedded name (``smollm2-135m``), local folder or hub id.
+            compressor: compressor folder; default: the bundled trained one for ``model``, else untrained.
+            adapter: PEFT LoRA folder, ``"base"`` for none; default: the bundled QA adapter.
+            store: folder of a compressed store (created if missing).
+            device: ``cuda``/``cpu``; default: CUDA when available.
+        """
+        backbone = Backbone.from_pretrained(model, device=device)
+        comp_dir = Path(compressor) if compressor else bundled(model, "compressor")
+        if comp_dir is not None:
+            comp = ContextCompressor.from_pretrained(backbone, comp_dir)
+        else:
+            logger.warning("no trained compressor for %s: using untrained summary embeddings "
+                           "(answers from compressed context will be poor; see `lloco train`)", model)
+            comp = ContextCompressor.untrained(backbone)
+        name = None
+        if adapter != "base":
+            adapter_dir = Path(adapter) if adapter else bundled(model, "decoder")
+            if adapter_dir is not None:
+                name = DEFAULT_ADAPTER if adapter is None else adapter_dir.name
+                backbone.load_adapter(adapter_dir, name)
+        st = None
+        if store is not None:
+            st = CompressedStore(store, fingerprint=comp.fingerprint(), create=True,
+                                 compressor_config=asdict(comp.config))
+        return cls(backbone, comp, st, adapter=name)
+
+    # -- compression --------------------------------------------------------------------------
+    def chunk(self, text: str) -> list[Chunk]:
+        return chunk_text(text, self.backbone.tokenizer, self.compressor.config.segment_tokens)
+
+    def compress_texts(self, texts: Sequence[str], batch_size: int = 16, show_progress_bar: bool = False,
+                       sources: Sequence[tuple[str, int]] | None = None) -> list[str]:
+        """Keys for ``texts`` (each at most one segment), compressing only what is not cached yet."""
+        fp = self.compressor.fingerprint()
+        keys = [self.store.key_for(t) if self.store else chunk_key(fp, t) for t in texts]
+        missing = self.store.missing(keys) if self.store else [k for k in dict.fromkeys(keys) if k not in self._memory]
+        todo = {k: t for k, t in zip(keys, texts) if k in set(missing)}
+        src_rows = [(d, p, k) for (d, p), k in zip(sources or [], keys)]
+        items = list(todo.items())
+        step = max(batch_size * 8, 1)  # write a shard every few batches so an interrupted ingest keeps its work
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(items), disable=not show_progress_bar, desc="compress", unit="chunk")
+        for i in range(0, len(items), step):
+            part = items[i:i + step]
+            vecs = self.compressor.compress([t for _, t in part], batch_size=batch_size)
+            n_src = [len(self.backbone.tokenizer(t, add_special_tokens=False)["input_ids"]) for _, t in part]
+            if self.store:
+                part_keys = {k for k, _ in part}
+                self.store.put_many([(k, v, t, n) for (k, t), v, n in zip(part, vecs, n_src)],
+                                    [r for r in src_rows if r[2] in part_keys])
+            else:
+                self._memory.update({k: (v, n) for (k, _), v, n in zip(part, vecs, n_src)})
+            bar.update(len(part))
+        bar.close()
+        if self.store and src_rows:
+            self.store.put_many([], src_rows)
+        return keys
+
+    def ingest(self, paths: Sequence[str | Path], batch_size: int = 16, show_progress_bar: bool = False) -> IngestReport:
+        """Chunk and compress files/folders of UTF-8 text into the store; cached chunks are skipped.
+
+        Every file is read and checked before anything is written, so bad input changes nothing.
+        """
+        if self.store is None:
+            raise StoreError("ingest needs a store: LLoCO.from_pretrained(..., store=DIR)")
+        files = iter_text_files(paths)
+        if not files:
+            raise ValueError(f"no text files (.txt/.md/.rst) found in {', '.join(map(str, paths))}")
+        texts, srcs = [], []
+        for f in files:
+            for i, c in enumerate(self.chunk(read_text_file(f))):
+                texts.append(c.text)
+                srcs.append((str(f), i))
+        before = self.store.stats()["chunks"]
+        self.compress_texts(texts, batch_size, show_progress_bar, sources=srcs)
+        after = self.store.stats()["chunks"]
+        n_tok = sum(c.source_tokens for c in self.store.chunks(list(dict.fromkeys(self.store.key_for(t) for t in texts))))
+        return IngestReport(len(files), len(texts), after - before, n_tok)
+
+    def vectors(self, keys: Sequence[str]) -> list[torch.Tensor]:
+        if self.store:
+            return self.store.get_many(list(keys))
+        return [self._memory[k][0] for k in keys]
+
+    def _source_tokens(self, keys: Sequence[str]) -> int:
+        if self.store:
+            return sum(c.source_tokens for c in self.store.chunks(list(keys)))
+        return sum(self._memory[k][1] for k in keys)
+
+    # -- retrieval and answering --------------------------------------------------------------
+    def retrieve(self, question: str, top_k: int = 5) -> list[tuple[str, float]]:
+        """``(key, score)`` of the best chunks in the store for ``question`` (BM25)."""
+        if self.store is None:
+            raise StoreError("retrieval needs a store: LLoCO.from_pretrained(..., store=DIR)")
+        chunks = self.store.chunks()
+        if not chunks:
+            raise StoreError(f"store {self.store.path} is empty; run `lloco ingest` first")
+        if self._bm25 is None or self._bm25[0] != len(chunks):
+            self._bm25 = (len(chunks), BM25([c.text for c in chunks]), [c.key for c in chunks])
+        _, bm25, keys = self._bm25
+        return [(keys[i], s) for i, s in bm25.top_k(question, top_k)]
+
+    def ask(self, question: str, top_k: int = 5, config: GenerationConfig | None = None,
+            adapter: str | None = None) -> Answer:
+        """Answer from the ``top_k`` retrieved compressed chunks (kept in document order)."""
+        keys = [k for k, _ in self.retrieve(question, top_k)]
+        return self._answer_keys(question, self._in_doc_order(keys), config, adapter)
+
+    def stream_ask(self, question: str, top_k: int = 5, config: GenerationConfig | None = None,
+                   adapter: str | None = None) -> Iterator[str]:
+        keys = self._in_doc_order([k for k, _ in self.retrieve(question, top_k)])
+        pieces = self._pieces(question, keys)
+        return self.generator.stream(pieces, config, self._adapter(adapter))
+
+    def answer(self, question: str, contexts: Sequence[str], config: GenerationConfig | None = None,
+               adapter: str | None = None) -> Answer:
+        """Whole-document mode: compress every chunk of ``contexts`` and answer from all of them."""
+        texts = [c.text for ctx in contexts for c in self.chunk(ctx)]
+        if not texts:
+            raise ValueError("no context text given")
+        return self._answer_keys(question, self.compress_texts(texts), config, adapter)
+
+    def complete(self, prompt: str, config: GenerationConfig | None = None, adapter: str | None = None,
+                 stream: bool = False) -> Answer | Iterator[str]:
+        """Generate from a prompt whose ``<lloco:...>`` sentinels (from ``store.sentinel``) become vectors."""
+        user, keys = self.resolve(prompt)
+        pieces = self.generator.chat_pieces(user, system=self.system_prompt)
+        if stream:
+            return self.generator.stream(pieces, config, self._adapter(adapter))
+        return self._finish(pieces, keys, config, adapter)
+
+    def resolve(self, prompt: str) -> tuple[list[Piece], list[str]]:
+        """Prompt string -> (pieces with verified sentinels replaced by vectors, their keys)."""
+        if self.store is None:
+            return [prompt], []
+        parts = self.store.split_sentinels(prompt)
+        keys = [p.key for p in parts if isinstance(p, KeyRef)]
+        vecs = dict(zip(keys, self.store.get_many(keys)))
+        return [vecs[p.key] if isinstance(p, KeyRef) else p for p in parts], keys
+
+    def _in_doc_order(self, keys: list[str]) -> list[str]:
+        return [c.key for c in self.store.chunks(keys)]  # store order = ingestion (document) order
+
+    def _adapter(self, adapter: str | None) -> str | None:
+        return adapter if adapter is not None else self.adapter
+
+    def _pieces(self, question: str, keys: Sequence[str]) -> list[Piece]:
+        return self.generator.chat_pieces(qa_pieces(self.vectors(keys), question), system=self.system_prompt)
+
+    def _answer_keys(self, question: str, keys: Sequence[str], config, adapter) -> Answer:
+        return self._finish(self._pieces(question, keys), keys, config, adapter)
+
+    def _finish(self, pieces: list[Piece], keys: Sequence[str], config, adapter) -> Answer:
+        t0 = time.perf_counter()
+        name = self._adapter(adapter)
+        gen = self.generator.generate([pieces], config, [name])[0]
+        return Answer(answer=gen.text.strip(), prompt_tokens=gen.prompt_tokens,
+                      source_tokens=self._source_tokens(keys),
+                      context_vectors=sum(p.shape[0] for p in pieces if isinstance(p, torch.Tensor)),
+                      chunks=list(keys), adapter=name, latency_s=time.perf_counter() - t0)
