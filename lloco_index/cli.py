@@ -59,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True)
     _common(p)
 
+    p = sub.add_parser("train", help="offline learning: build a corpus, pretrain the compressor, finetune a decoder")
+    p.add_argument("what", choices=["corpus", "compressor", "finetune"])
+    p.add_argument("options", nargs=argparse.REMAINDER,
+                   help="corpus: --out FILE.npz --max_tokens N --model M SOURCE...; compressor/finetune: "
+                        "--KEY VALUE for any TrainConfig field (e.g. --out_dir runs/x --max_minutes 8)")
+    p.set_defaults(json=False)
+
     p = sub.add_parser("demo", help="ingest the bundled sample and answer a few questions")
     p.add_argument("--store", default=None, help="default: a fresh temporary folder")
     _common(p)
@@ -135,6 +142,38 @@ def cmd_info(args) -> None:
         f"fingerprint:      {stats['fingerprint']}"]))
 
 
+def _pairs(options: list[str]) -> tuple[dict[str, str], list[str]]:
+    pairs, rest, it = {}, [], iter(options)
+    for tok in it:
+        if tok.startswith("--"):
+            pairs[tok[2:].replace("-", "_")] = next(it, "")
+        else:
+            rest.append(tok)
+    return pairs, rest
+
+
+def cmd_train(args) -> None:
+    from .train import TrainConfig, train_compressor, train_finetune
+
+    logging.getLogger("lloco_index").setLevel(logging.INFO)
+    pairs, rest = _pairs(args.options)
+    if args.what == "corpus":
+        from .corpus import build_corpus
+        from .models import load_base_model
+
+        files = [f for p in rest for f in (sorted(Path(p).rglob("*")) if Path(p).is_dir() else [Path(p)])
+                 if f.is_file() and f.suffix in (".txt", ".rst", ".md", ".gz")] if rest else []
+        if not files:
+            raise ValueError("train corpus needs SOURCE files or folders (.txt/.rst/.md/.gz)")
+        _, tok = load_base_model(pairs.get("model", "smollm2-135m"), device="cpu")
+        info = build_corpus(files, tok, Path(pairs.get("out", "corpus.npz")), int(pairs.get("max_tokens", 5_000_000)))
+        _emit(args, info, f"corpus: {info['tokens']} tokens from {info['documents']} documents -> {info['file']}")
+        return
+    cfg = TrainConfig.from_args(pairs)
+    out = (train_compressor if args.what == "compressor" else train_finetune)(cfg)
+    _emit(args, {"out_dir": str(out)}, f"saved to {out} (compressor/, decoder/, training_state.json)")
+
+
 def cmd_demo(args) -> None:
     import tempfile
     import time
@@ -163,7 +202,8 @@ def cmd_demo(args) -> None:
         print(json.dumps(summary))
 
 
-COMMANDS = {"ingest": cmd_ingest, "ask": cmd_ask, "answer": cmd_answer, "info": cmd_info, "demo": cmd_demo}
+COMMANDS = {"ingest": cmd_ingest, "ask": cmd_ask, "answer": cmd_answer, "info": cmd_info, "train": cmd_train,
+            "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

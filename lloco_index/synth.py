@@ -1,0 +1,117 @@
+"""Synthetic facts and questions for training the compressor and decoder to keep *facts*.
+
+Facts are made-up (random names, numbers, codes), so answers cannot come from the model's
+parametric knowledge: the only way to answer is to read them out of the compressed vectors.
+Many templates and question phrasings keep the model from overfitting one format. Nothing here
+uses the evaluation needle ("best thing to do in San Francisco") or its template.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+_ON = ["ka", "lo", "mi", "ra", "ben", "tor", "vel", "sa", "dri", "mon", "ne", "ul", "fa", "zo", "gri", "pe",
+       "an", "tal", "or", "is", "quin", "ha", "de", "ru", "shi", "bo", "lem", "ta", "vi", "cor"]
+_THINGS = {
+    "colour": ["teal", "crimson", "ochre", "lavender", "amber", "indigo", "olive", "coral", "silver", "maroon"],
+    "fruit": ["quince", "papaya", "lychee", "apricot", "persimmon", "guava", "fig", "kumquat", "mango", "plum"],
+    "instrument": ["cello", "oboe", "banjo", "harp", "trombone", "sitar", "clarinet", "accordion", "viola", "tuba"],
+    "animal": ["otter", "heron", "lynx", "badger", "gecko", "walrus", "falcon", "tapir", "marmot", "ibis"],
+    "sport": ["fencing", "curling", "rowing", "archery", "polo", "squash", "judo", "lacrosse", "sailing", "hurling"],
+    "dish": ["lentil soup", "fish pie", "mushroom risotto", "beef stew", "onion tart", "bean chili", "crab cakes"],
+}
+_PLACES = ["the harbor", "the old mill", "the north tower", "the library basement", "the orchard", "the train depot",
+           "the glass house", "the east quay", "the chapel garden", "the weather station"]
+_ACTIVITIES = ["feed the swans", "read under the oak tree", "climb the clock tower", "fly a kite on the dunes",
+               "swim in the quarry lake", "watch the ferries", "walk the canal path", "play chess in the square"]
+
+
+def _name(rng: random.Random, parts: int = 2) -> str:
+    return "".join(rng.choice(_ON) for _ in range(parts)).capitalize()
+
+
+def _person(rng: random.Random) -> str:
+    return f"{_name(rng, rng.randint(2, 3))} {_name(rng, rng.randint(2, 3))}"
+
+
+def _code(rng: random.Random) -> str:
+    return rng.choice(["{l}{l}-{d}{d}{d}{d}", "{d}{d}{d}{d}{d}", "{l}{d}{l}{d}{l}{d}", "{d}{d}{d}-{d}{d}{d}"]).format_map(
+        _Rand(rng))
+
+
+class _Rand(dict):
+    def __init__(self, rng: random.Random):
+        super().__init__()
+        self.rng = rng
+
+    def __missing__(self, key: str) -> str:
+        return self.rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZ") if key == "l" else str(self.rng.randint(0, 9))
+
+
+@dataclass
+class Fact:
+    sentences: list[str]  # one sentence, or several (multi-hop) to place in different chunks
+    question: str
+    answer: str
+
+
+def make_fact(rng: random.Random) -> Fact:
+    """One random fact with a question whose answer is a span of the fact."""
+    kind = rng.randrange(9)
+    p = _person(rng)
+    if kind == 0:
+        cat = rng.choice(list(_THINGS))
+        v = rng.choice(_THINGS[cat])
+        s = rng.choice([f"{p}'s favourite {cat} is the {v}.", f"The favourite {cat} of {p} is the {v}.",
+                        f"Everyone knows that {p} likes the {v} more than any other {cat}."])
+        q = rng.choice([f"What is {p}'s favourite {cat}?", f"Which {cat} does {p} like most?"])
+        return Fact([s], q, f"the {v}" if rng.random() < 0.5 else v)
+    if kind == 1:
+        v, thing = _code(rng), rng.choice(["safe", "blue vault", "server room", "boathouse", "archive door"])
+        s = rng.choice([f"The code for the {thing} is {v}.", f"To open the {thing}, enter {v}.",
+                        f"Remember: the {thing} code is {v}."])
+        return Fact([s], rng.choice([f"What is the code for the {thing}?", f"Which code opens the {thing}?"]), v)
+    if kind == 2:
+        year, city = rng.randint(1700, 2020), _name(rng, 3)
+        s = rng.choice([f"{p} was born in {city} in {year}.", f"In {year}, {p} was born in the town of {city}."])
+        if rng.random() < 0.5:
+            return Fact([s], rng.choice([f"In which year was {p} born?", f"When was {p} born?"]), str(year))
+        return Fact([s], rng.choice([f"Where was {p} born?", f"In which town was {p} born?"]), city)
+    if kind == 3:
+        place, act = rng.choice(_PLACES), rng.choice(_ACTIVITIES)
+        town = _name(rng, 3)
+        s = rng.choice([f"In {town}, the locals say the nicest thing to do is to {act} near {place}.",
+                        f"Visitors to {town} are told to {act} near {place} on a quiet evening."])
+        q = rng.choice([f"What do people in {town} recommend doing?", f"What are visitors to {town} told to do?"])
+        return Fact([s], q, f"{act} near {place}")
+    if kind == 4:
+        n, item = rng.randint(2, 9999), rng.choice(["lamps", "books", "chairs", "bicycles", "paintings", "clocks"])
+        place = rng.choice(_PLACES)
+        s = rng.choice([f"There are exactly {n} {item} in {place}.", f"Someone counted {n} {item} in {place}."])
+        return Fact([s], rng.choice([f"How many {item} are in {place}?", f"What is the number of {item} in {place}?"]), str(n))
+    if kind == 5:
+        key, val = _code(rng), _name(rng, 3)
+        s = rng.choice([f"Key {key} maps to the value {val}.", f"The entry for {key} reads {val}."])
+        return Fact([s], rng.choice([f"What value does key {key} map to?", f"What is the entry for {key}?"]), val)
+    if kind == 6:  # two-hop: person -> company -> city, facts in different places
+        comp, city = _name(rng, 3) + " " + rng.choice(["Ltd", "Works", "Labs", "Trading"]), _name(rng, 3)
+        return Fact([f"{p} works for {comp}.", f"{comp} has its headquarters in {city}."],
+                    f"In which city is the headquarters of the company {p} works for?", city)
+    if kind == 7:
+        pet = _name(rng, 2)
+        return Fact([f"{p} keeps a pet {rng.choice(_THINGS['animal'])} called {pet}."],
+                    rng.choice([f"What is the name of {p}'s pet?", f"What is {p}'s pet called?"]), pet)
+    room, day = rng.randint(100, 999), rng.choice(["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"])
+    s = f"The {rng.choice(['budget', 'design', 'safety', 'planning'])} meeting led by {p} is on {day} in room {room}."
+    if rng.random() < 0.5:
+        return Fact([s], f"In which room is the meeting led by {p}?", str(room))
+    return Fact([s], f"On which day is the meeting led by {p}?", day)
+
+
+def insert_sentence(text: str, sentence: str, rng: random.Random) -> str:
+    """Put ``sentence`` at a random sentence boundary of ``text`` (or at either end)."""
+    cuts = [0] + [i + 2 for i in range(len(text) - 1) if text[i] in ".!?\n" and text[i + 1] in " \n"] + [len(text)]
+    at = rng.choice(cuts)
+    before, after = text[:at].rstrip(" "), text[at:].lstrip(" ")
+    return f"{before} {sentence} {after}".strip()

@@ -1,0 +1,380 @@
+"""Offline learning: compressor pretraining and LLoCO in-domain decoder finetuning.
+
+Every task is phrased as the same chat QA prompt the product uses at inference
+(``prompts.qa_pieces`` + the chat template), with loss on the answer tokens only:
+
+- ``qa``    synthetic facts hidden in real text, spread over 1..``max_chunks`` compressed chunks
+            (most of them distractors); the answer must be read out of the right chunk's vectors;
+- ``ae``    "Repeat the context word for word." -> the chunk's text (autoencoding);
+- ``lm``    "Continue the text." -> the tokens that follow the chunks (language modelling).
+
+``train_compressor`` learns the summary embeddings, an encoder LoRA and a decoder LoRA together;
+``train_finetune`` keeps the compressor frozen (vectors cached in a store: compress once, train
+many epochs) and learns only a decoder LoRA, as LLoCO does. Read top to bottom: config, model,
+batches, loss, loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .backbone import Backbone
+from .compressor import ENCODER_ADAPTER, CompressorConfig, ContextCompressor
+from .corpus import Corpus
+from .generation import Generator
+from .prompts import SYSTEM_PROMPT, qa_pieces
+from .synth import insert_sentence, make_fact
+
+logger = logging.getLogger(__name__)
+DECODER_ADAPTER = "default"
+AE_QUESTION = "Repeat the context word for word."
+LM_QUESTION = "Continue the text."
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters; CLI flags have the same names (``--max_chunks 64``)."""
+
+    out_dir: str = "runs/compressor"
+    base_model: str = "smollm2-135m"
+    corpus: str = "corpus.npz"
+    qa_file: str = ""  # finetune only: QA JSONL
+    init_from: str = ""  # folder with compressor/ and decoder/ to continue from
+    segment_tokens: int = 512
+    summary_tokens: int = 24
+    encoder_r: int = 16
+    encoder_alpha: int = 32
+    encoder_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    decoder_r: int = 16
+    decoder_alpha: int = 32
+    decoder_dropout: float = 0.0
+    decoder_targets: str = "q_proj,k_proj,v_proj,o_proj"
+    task_mix: str = "qa:0.5,ae:0.3,lm:0.2"
+    max_chunks: int = 64  # qa contexts have 1..max_chunks chunks (log-uniform)
+    segments_per_step: int = 64  # encoder segments per optimizer step
+    grad_segments: int = 48  # at most this many segments get encoder gradients; others are no-grad distractors
+    lm_tokens: int = 128
+    lr: float = 4e-4
+    summary_lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    max_steps: int = 100000
+    max_minutes: float = 8.0  # wall-clock budget: stop (and save) after this
+    epochs: int = 3  # finetune only
+    batch_size: int = 8  # finetune only
+    eval_every: int = 200
+    save_every: int = 500
+    seed: int = 0
+    bf16: bool = True
+
+    @classmethod
+    def from_args(cls, pairs: dict[str, str]) -> "TrainConfig":
+        fields = cls.__dataclass_fields__
+        for k in pairs:
+            if k not in fields:
+                raise ValueError(f"unknown training option --{k}; valid: {', '.join(sorted(fields))}")
+        return cls(**{k: type(getattr(cls(), k))(v) if not isinstance(getattr(cls(), k), bool)
+                      else v.lower() in ("1", "true", "yes") for k, v in pairs.items()})
+
+
+def _lora(r: int, alpha: int, targets: str, dropout: float = 0.0):
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets.split(","), bias="none")
+
+
+def setup_models(cfg: TrainConfig, device: torch.device, train_encoder: bool):
+    """Backbone with an encoder adapter and a decoder adapter, plus the compressor; fp32 LoRA, bf16 base on GPU."""
+    bb = Backbone.from_pretrained(cfg.base_model, device=device)
+    init = Path(cfg.init_from) if cfg.init_from else None
+    if init and (init / "compressor").is_dir():
+        comp = ContextCompressor.from_pretrained(bb, init / "compressor")
+        if comp.encoder_adapter and train_encoder:
+            bb.load_adapter(init / "compressor" / "encoder", ENCODER_ADAPTER, trainable=True)
+    else:
+        comp = ContextCompressor.untrained(bb, CompressorConfig(
+            base_model=cfg.base_model, segment_tokens=cfg.segment_tokens, summary_tokens=cfg.summary_tokens,
+            hidden_size=bb.hidden_size))
+        if train_encoder:
+            bb.add_adapter(ENCODER_ADAPTER, _lora(cfg.encoder_r, cfg.encoder_alpha, cfg.encoder_targets))
+    if init and (init / "decoder").is_dir():
+        bb.load_adapter(init / "decoder", DECODER_ADAPTER, trainable=True)
+    else:
+        bb.add_adapter(DECODER_ADAPTER, _lora(cfg.decoder_r, cfg.decoder_alpha, cfg.decoder_targets, cfg.decoder_dropout))
+    for n, p in bb.model.named_parameters():  # train exactly the LoRA weights we own (+ summary below)
+        p.requires_grad_("lora_" in n and (train_encoder or ENCODER_ADAPTER not in n))
+    comp.summary.requires_grad_(train_encoder)
+    bb.model.train()
+    return bb, comp
+
+
+# -- batches ---------------------------------------------------------------------------------
+@dataclass
+class Example:
+    chunks: list[list[int]]  # token ids of each context chunk, in prompt order
+    question: str
+    answer: list[int]  # answer token ids (EOS appended by the batcher)
+    grad_chunks: list[int] = field(default_factory=list)  # chunks that must carry encoder gradients
+    vectors: list[torch.Tensor] | None = None  # finetune: precomputed (frozen compressor) vectors
+
+
+class TaskSampler:
+    """Draws pretraining examples of the three tasks from a token corpus."""
+
+    def __init__(self, corpus: Corpus, tokenizer, cfg: TrainConfig, seed: int):
+        self.corpus, self.tok, self.cfg = corpus, tokenizer, cfg
+        self.rng, self.nrng = random.Random(seed), np.random.default_rng(seed)
+        mix = [kv.split(":") for kv in cfg.task_mix.split(",")]
+        self.tasks, self.weights = [k for k, _ in mix], [float(v) for _, v in mix]
+        vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        self.sentence_end = {i for i, t in enumerate(vocab) if t and (t.endswith(".") or "Ċ" in t or t.endswith("\n"))}
+
+    def step(self) -> tuple[str, list[Example]]:
+        """One optimizer step's examples: one task, one chunk count, ~segments_per_step segments."""
+        task = self.rng.choices(self.tasks, self.weights)[0]
+        n_chunks = 1 if task == "ae" else self._log_uniform(self.cfg.max_chunks if task == "qa" else 4)
+        length = self.cfg.segment_tokens if self.rng.random() < 0.8 else self.rng.randint(64, self.cfg.segment_tokens)
+        n_ex = max(1, self.cfg.segments_per_step // n_chunks)
+        return task, [getattr(self, task)(n_chunks, length) for _ in range(n_ex)]
+
+    def _log_uniform(self, hi: int) -> int:
+        return min(hi, int(math.exp(self.rng.uniform(0, math.log(hi + 1)))))
+
+    def _tokens(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def qa(self, n_chunks: int, length: int) -> Example:
+        fact = make_fact(self.rng)
+        chunks = [self.corpus.window(self.nrng, length) for _ in range(n_chunks)]
+        where = [self.rng.randrange(n_chunks) for _ in fact.sentences]
+        for ci, sentence in zip(where, fact.sentences):
+            ids = self._tokens(" " + sentence)
+            base = chunks[ci][: max(1, length - len(ids))]
+            cuts = [i + 1 for i, t in enumerate(base) if t in self.sentence_end] or [len(base)]
+            at = self.rng.choice(cuts + [0])
+            chunks[ci] = base[:at] + ids + base[at:]
+        return Example(chunks, fact.question, self._tokens(fact.answer), sorted(set(where)))
+
+    def ae(self, n_chunks: int, length: int) -> Example:
+        chunk = self.corpus.window(self.nrng, length)
+        return Example([chunk], AE_QUESTION, chunk, [0])
+
+    def lm(self, n_chunks: int, length: int) -> Example:
+        seq = self.corpus.window(self.nrng, n_chunks * length + self.cfg.lm_tokens)
+        chunks = [seq[i * length:(i + 1) * length] for i in range(n_chunks)]
+        return Example(chunks, LM_QUESTION, seq[n_chunks * length:], list(range(n_chunks)))
+
+
+def encode_chunks(comp: ContextCompressor, examples: list[Example], grad_budget: int) -> list[list[torch.Tensor]]:
+    """Vectors for every chunk; the first ``grad_budget`` gradient chunks are encoded with grad."""
+    flat = [(i, j, c) for i, ex in enumerate(examples) for j, c in enumerate(ex.chunks)]
+    want = {(i, j) for i, ex in enumerate(examples) for j in ex.grad_chunks}
+    grad_ids = [k for k, (i, j, _) in enumerate(flat) if (i, j) in want][:grad_budget]
+    rest = [k for k in range(len(flat)) if k not in set(grad_ids)]
+    out: dict[int, torch.Tensor] = {}
+    for ids, grad in ((grad_ids, True), (rest, False)):
+        for b in range(0, len(ids), 256):
+            part = ids[b:b + 256]
+            by_len: dict[int, list[int]] = {}
+            for k in part:  # equal lengths per forward pass: no padding needed
+                by_len.setdefault(len(flat[k][2]), []).append(k)
+            for ks in by_len.values():
+                vecs = comp.encode_segments([flat[k][2] for k in ks], grad=grad)
+                out.update(zip(ks, vecs))
+    res: list[list[torch.Tensor]] = [[] for _ in examples]
+    for k, (i, _, _) in enumerate(flat):
+        res[i].append(out[k])
+    return res
+
+
+class DecoderBatcher:
+    """Builds right-padded decoder inputs ``[chat prompt with vectors] + answer + EOS`` and labels."""
+
+    def __init__(self, bb: Backbone):
+        self.bb, self.gen = bb, Generator(bb)
+        self.eos = bb.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if not isinstance(self.eos, int) or self.eos == bb.tokenizer.unk_token_id:
+            self.eos = bb.tokenizer.eos_token_id
+
+    def __call__(self, vectors: list[list[torch.Tensor]], questions: list[str], answers: list[list[int]]):
+        rows, label_rows = [], []
+        for vecs, q, ans in zip(vectors, questions, answers):
+            pieces = self.gen.chat_pieces(qa_pieces(vecs, q), system=SYSTEM_PROMPT)
+            prompt = self.gen.embed_pieces(pieces)  # grads flow into the vectors
+            target = torch.tensor(ans + [self.eos], device=self.bb.device)
+            rows.append(torch.cat([prompt, self.bb.embed(target)]))
+            label_rows.append(torch.cat([torch.full((prompt.shape[0],), -100, device=self.bb.device), target]))
+        width = max(r.shape[0] for r in rows)
+        x = torch.stack([F.pad(r, (0, 0, 0, width - r.shape[0])) for r in rows])
+        labels = torch.stack([F.pad(lab, (0, width - lab.shape[0]), value=-100) for lab in label_rows])
+        return x, labels
+
+
+def answer_loss(bb: Backbone, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean CE over answer tokens (and token accuracy); logits only where there is a label."""
+    with bb.use(DECODER_ADAPTER):
+        hidden = bb.model.get_decoder()(inputs_embeds=x, use_cache=False).last_hidden_state  # right pad: causal only
+    target = labels[:, 1:]
+    sel = target != -100
+    logits = bb.model.get_output_embeddings()(hidden[:, :-1][sel]).float()
+    loss = F.cross_entropy(logits, target[sel])
+    return loss, (logits.argmax(-1) == target[sel]).float().mean()
+
+
+# -- the loop ---------------------------------------------------------------------------------
+def _lr(step: int, cfg: TrainConfig, base: float, progress: float) -> float:
+    """Linear warmup, then cosine to 0 over ``progress`` in [0, 1] (steps or wall-clock, whichever is ahead)."""
+    if step < cfg.warmup_steps:
+        return base * (step + 1) / cfg.warmup_steps
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def save_checkpoint(bb: Backbone, comp: ContextCompressor, out: Path, cfg: TrainConfig, state: dict) -> None:
+    """compressor/ (summary + encoder LoRA), decoder/ (PEFT LoRA) and training state, all safetensors/JSON."""
+    out.mkdir(parents=True, exist_ok=True)
+    comp.save_pretrained(out / "compressor")
+    bb.model.save_pretrained(str(out / "decoder_tmp"), selected_adapters=[DECODER_ADAPTER])
+    src = out / "decoder_tmp" / DECODER_ADAPTER if (out / "decoder_tmp" / DECODER_ADAPTER).is_dir() else out / "decoder_tmp"
+    import shutil
+
+    shutil.rmtree(out / "decoder", ignore_errors=True)
+    shutil.move(str(src), str(out / "decoder"))
+    shutil.rmtree(out / "decoder_tmp", ignore_errors=True)
+    meta = {"train_config": asdict(cfg), "compressor_fingerprint": comp.fingerprint(), **state}
+    (out / "training_state.json").write_text(json.dumps(meta, indent=2))
+
+
+@torch.no_grad()
+def evaluate(bb: Backbone, comp: ContextCompressor, sampler: TaskSampler, batcher: DecoderBatcher,
+             n: int = 16) -> dict:
+    """Held-out teacher-forced answer accuracy per task, plus QA exact match at 8 and 32 chunks (greedy)."""
+    bb.model.eval()
+    res = {}
+    for task, chunks in (("qa", 8), ("qa", 32), ("ae", 1), ("lm", 2)):
+        exs = [getattr(sampler, task)(chunks, comp.config.segment_tokens) for _ in range(n)]
+        vecs = encode_chunks(comp, exs, 0)
+        x, labels = batcher(vecs, [e.question for e in exs], [e.answer for e in exs])
+        loss, acc = answer_loss(bb, x, labels)
+        res[f"{task}{chunks}_loss"], res[f"{task}{chunks}_acc"] = round(loss.item(), 4), round(acc.item(), 4)
+        if task == "qa":
+            gen = Generator(bb)
+            prompts = [gen.chat_pieces(qa_pieces(v, e.question), system=SYSTEM_PROMPT) for v, e in zip(vecs, exs)]
+            from .generation import GenerationConfig
+
+            outs = gen.generate(prompts, GenerationConfig(max_new_tokens=24), DECODER_ADAPTER)
+            gold = [bb.tokenizer.decode(e.answer).strip().lower() for e in exs]
+            res[f"qa{chunks}_em"] = sum(g in o.text.lower() for g, o in zip(gold, outs)) / n
+    bb.model.train()
+    return res
+
+
+def train_compressor(cfg: TrainConfig) -> Path:
+    """Pretrain summary embeddings + encoder LoRA + decoder LoRA on qa/ae/lm tasks."""
+    from accelerate import Accelerator
+
+    acc = Accelerator(mixed_precision="bf16" if cfg.bf16 and torch.cuda.is_available() else "no")
+    torch.manual_seed(cfg.seed + acc.process_index)
+    bb, comp = setup_models(cfg, acc.device, train_encoder=True)
+    train_c, held_c = Corpus.load(cfg.corpus).split()
+    sampler = TaskSampler(train_c, bb.tokenizer, cfg, cfg.seed + 1000 * acc.process_index)
+    held = TaskSampler(held_c, bb.tokenizer, cfg, 12345)
+    batcher = DecoderBatcher(bb)
+    lora = [p for n, p in bb.model.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": lora, "lr": cfg.lr}, {"params": [comp.summary], "lr": cfg.summary_lr}],
+                            weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    return _loop(cfg, acc, bb, comp, opt, sampler.step, held, batcher, cfg.max_steps)
+
+
+def train_finetune(cfg: TrainConfig) -> Path:
+    """LLoCO finetuning: frozen compressor, documents compressed once into a store, decoder LoRA only."""
+    from accelerate import Accelerator
+
+    from .data import read_qa
+    from .pipeline import LLoCO
+    from .store import CompressedStore
+
+    if not cfg.qa_file:
+        raise ValueError("finetune needs --qa_file FILE.jsonl")
+    acc = Accelerator(mixed_precision="bf16" if cfg.bf16 and torch.cuda.is_available() else "no")
+    torch.manual_seed(cfg.seed)
+    bb, comp = setup_models(cfg, acc.device, train_encoder=False)
+    store = CompressedStore(Path(cfg.out_dir) / "store", fingerprint=comp.fingerprint(), create=True,
+                            compressor_config=asdict(comp.config))
+    lloco = LLoCO(bb, comp, store)
+    examples = []
+    for ex in read_qa(cfg.qa_file):
+        if not ex.answers:
+            raise ValueError(f"example {ex.id!r} has no answer to train on")
+        keys = lloco.compress_texts([c.text for d in ex.documents for c in lloco.chunk(d)])
+        ids = bb.tokenizer(ex.answers[0], add_special_tokens=False)["input_ids"]
+        examples.append(Example([], ex.question, ids, vectors=store.get_many(keys)))
+    rng = random.Random(cfg.seed)
+    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    order: list[Example] = []
+
+    def next_batch() -> tuple[str, list[Example]]:
+        if len(order) < cfg.batch_size:
+            order.extend(rng.sample(examples, len(examples)))
+        batch = order[:cfg.batch_size]
+        del order[:cfg.batch_size]
+        return "finetune", batch
+
+    lora = [p for p in bb.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": lora, "lr": cfg.lr}], weight_decay=cfg.weight_decay)
+    total = min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    return _loop(cfg, acc, bb, comp, opt, next_batch, None, DecoderBatcher(bb), total)
+
+
+def _loop(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int) -> Path:
+    out = Path(cfg.out_dir)
+    t0, tokens, step, log = time.time(), 0, 0, []
+    params = [p for g in opt.param_groups for p in g["params"]]
+    while step < total and (time.time() - t0) < cfg.max_minutes * 60:
+        task, exs = next_batch()
+        for g, base in zip(opt.param_groups, (cfg.lr, cfg.summary_lr)):
+            g["lr"] = _lr(step, cfg, base, max(step / total, (time.time() - t0) / (cfg.max_minutes * 60)))
+        with acc.autocast():
+            if exs[0].vectors is None:
+                vecs = encode_chunks(comp, exs, cfg.grad_segments)
+            else:
+                vecs = [[v.to(bb.device, bb.dtype) for v in e.vectors] for e in exs]
+            x, labels = batcher(vecs, [e.question for e in exs], [e.answer for e in exs])
+            loss, tok_acc = answer_loss(bb, x, labels)
+        acc.backward(loss)
+        if acc.num_processes > 1:  # no DDP wrapper (adapters switch per pass): average grads by hand
+            for p in params:
+                if p.grad is not None:
+                    p.grad = acc.reduce(p.grad, "mean")
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += sum(len(c) for e in exs for c in e.chunks) + x.shape[0] * x.shape[1]  # encoder + decoder
+        step += 1
+        if step % 20 == 0 and acc.is_main_process:
+            el = time.time() - t0
+            logger.info("step %d %s loss %.3f acc %.3f | %.0f tok/s | %.1f min", step, task, loss.item(),
+                        tok_acc.item(), tokens / el, el / 60)
+        if step % cfg.eval_every == 0 and acc.is_main_process and held is not None:
+            ev = evaluate(bb, comp, held, batcher)
+            log.append({"step": step, "minutes": round((time.time() - t0) / 60, 2), **ev})
+            logger.info("eval %s", ev)
+        if step % cfg.save_every == 0 and acc.is_main_process:
+            save_checkpoint(bb, comp, out, cfg, {"step": step, "eval": log})
+    el = time.time() - t0
+    if acc.is_main_process:
+        final = evaluate(bb, comp, held, batcher) if held is not None else {}
+        log.append({"step": step, "minutes": round(el / 60, 2), **final})
+        save_checkpoint(bb, comp, out, cfg, {"step": step, "eval": log, "tokens": tokens,
+                                             "tokens_per_s": round(tokens / el), "seconds": round(el)})
+        logger.info("done: %d steps, %.0f tok/s, final eval %s", step, tokens / el, final)
+    return out
