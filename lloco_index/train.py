@@ -250,8 +250,18 @@ def save_checkpoint(bb: Backbone, comp: ContextCompressor, out: Path, cfg: Train
     shutil.rmtree(out / "decoder", ignore_errors=True)
     shutil.move(str(src), str(out / "decoder"))
     shutil.rmtree(out / "decoder_tmp", ignore_errors=True)
+    for f in out.rglob("adapter_model.safetensors"):
+        _halve(f)
     meta = {"train_config": asdict(cfg), "compressor_fingerprint": comp.fingerprint(), **state}
     (out / "training_state.json").write_text(json.dumps(meta, indent=2))
+
+
+def _halve(path: Path) -> None:
+    """Store LoRA weights as fp16: half the size to ship, and PEFT upcasts them again on load."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = {k: v.half() if v.dtype == torch.float32 else v for k, v in load_file(str(path)).items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 @torch.no_grad()

