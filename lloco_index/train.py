@@ -61,6 +61,7 @@ class TrainConfig:
     decoder_targets: str = "q_proj,k_proj,v_proj,o_proj"
     task_mix: str = "qa:0.5,ae:0.3,lm:0.2"
     max_chunks: int = 64  # qa contexts have 1..max_chunks chunks (log-uniform)
+    max_facts: int = 3  # qa: facts hidden per context
     segments_per_step: int = 64  # encoder segments per optimizer step
     grad_segments: int = 48  # at most this many segments get encoder gradients; others are no-grad distractors
     lm_tokens: int = 128
@@ -154,16 +155,21 @@ class TaskSampler:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
     def qa(self, n_chunks: int, length: int) -> Example:
-        fact = make_fact(self.rng)
+        """1..``max_facts`` facts hidden at sentence boundaries; the question asks about one of them,
+        so the encoder must keep every fact, not guess which one matters."""
+        facts = [make_fact(self.rng) for _ in range(self.rng.randint(1, self.cfg.max_facts))]
         chunks = [self.corpus.window(self.nrng, length) for _ in range(n_chunks)]
-        where = [self.rng.randrange(n_chunks) for _ in fact.sentences]
-        for ci, sentence in zip(where, fact.sentences):
+        where = []
+        for sentence in (s for f in facts for s in f.sentences):
+            ci = self.rng.randrange(n_chunks)
             ids = self._tokens(" " + sentence)
-            base = chunks[ci][: max(1, length - len(ids))]
+            base = chunks[ci][: max(1, len(chunks[ci]) - len(ids))]
             cuts = [i + 1 for i, t in enumerate(base) if t in self.sentence_end] or [len(base)]
             at = self.rng.choice(cuts + [0])
             chunks[ci] = base[:at] + ids + base[at:]
-        return Example(chunks, fact.question, self._tokens(fact.answer), sorted(set(where)))
+            where.append(ci)
+        asked = self.rng.choice(facts)
+        return Example(chunks, asked.question, self._tokens(asked.answer), sorted(set(where)))
 
     def ae(self, n_chunks: int, length: int) -> Example:
         chunk = self.corpus.window(self.nrng, length)
@@ -266,7 +272,7 @@ def _halve(path: Path) -> None:
 
 @torch.no_grad()
 def evaluate(bb: Backbone, comp: ContextCompressor, sampler: TaskSampler, batcher: DecoderBatcher,
-             n: int = 16) -> dict:
+             n: int = 32) -> dict:
     """Held-out teacher-forced answer accuracy per task, plus QA exact match at 8 and 32 chunks (greedy)."""
     bb.model.eval()
     res = {}
