@@ -144,7 +144,7 @@ class TaskSampler:
         """One optimizer step's examples: one task, one chunk count, ~segments_per_step segments."""
         task = self.rng.choices(self.tasks, self.weights)[0]
         n_chunks = 1 if task == "ae" else self._log_uniform(self.cfg.max_chunks if task == "qa" else 4)
-        length = self.cfg.segment_tokens if self.rng.random() < 0.8 else self.rng.randint(64, self.cfg.segment_tokens)
+        length = self.cfg.segment_tokens if self.rng.random() < 0.8 else self.rng.randint(self.cfg.segment_tokens // 8, self.cfg.segment_tokens)
         n_ex = max(1, self.cfg.segments_per_step // n_chunks)
         return task, [getattr(self, task)(n_chunks, length) for _ in range(n_ex)]
 
