@@ -26,6 +26,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _gen(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--expand", type=int, default=0,
+                   help="give the K chunks most relevant to the question as text instead of vectors")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
 
@@ -110,11 +112,11 @@ def cmd_ask(args) -> None:
         raise StoreError(f"no store at {args.store} (run `lloco ingest ... --store {args.store}` first)")
     lloco = _load(args, args.store)
     if args.stream and not args.json:
-        for delta in lloco.stream_ask(args.question, args.top_k, _config(args)):
+        for delta in lloco.stream_ask(args.question, args.top_k, _config(args), expand=args.expand):
             print(delta, end="", flush=True)
         print()
         return
-    _answer_out(args, lloco.ask(args.question, top_k=args.top_k, config=_config(args)))
+    _answer_out(args, lloco.ask(args.question, top_k=args.top_k, config=_config(args), expand=args.expand))
 
 
 def cmd_answer(args) -> None:
@@ -122,7 +124,7 @@ def cmd_answer(args) -> None:
 
     texts = [read_text_file(f) for f in args.context]
     lloco = _load(args, args.store)
-    _answer_out(args, lloco.answer(args.question, texts, config=_config(args)))
+    _answer_out(args, lloco.answer(args.question, texts, config=_config(args), expand=args.expand))
 
 
 def cmd_info(args) -> None:

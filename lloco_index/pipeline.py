@@ -70,7 +70,7 @@ class LLoCO:
         self.store = store
         self.adapter = adapter
         self.system_prompt = system_prompt
-        self._memory: dict[str, tuple[torch.Tensor, int]] = {}  # key -> (vectors, source tokens) without a store
+        self._memory: dict[str, tuple[torch.Tensor, int, str]] = {}  # key -> (vectors, source tokens, text) w/o store
         self._bm25: tuple[int, BM25, list[str]] | None = None
 
     @classmethod
@@ -132,7 +132,7 @@ class LLoCO:
                 self.store.put_many([(k, v, t, n) for (k, t), v, n in zip(part, vecs, n_src)],
                                     [r for r in src_rows if r[2] in part_keys])
             else:
-                self._memory.update({k: (v, n) for (k, _), v, n in zip(part, vecs, n_src)})
+                self._memory.update({k: (v, n, t) for (k, t), v, n in zip(part, vecs, n_src)})
             bar.update(len(part))
         bar.close()
         if self.store and src_rows:
@@ -165,6 +165,11 @@ class LLoCO:
             return self.store.get_many(list(keys))
         return [self._memory[k][0] for k in keys]
 
+    def _texts(self, keys) -> dict[str, str]:
+        if self.store:
+            return {c.key: c.text for c in self.store.chunks(list(keys))}
+        return {k: self._memory[k][2] for k in keys}
+
     def _source_tokens(self, keys: Sequence[str]) -> int:
         if self.store:
             return sum(c.source_tokens for c in self.store.chunks(list(keys)))
@@ -184,24 +189,33 @@ class LLoCO:
         return [(keys[i], s) for i, s in bm25.top_k(question, top_k)]
 
     def ask(self, question: str, top_k: int = 5, config: GenerationConfig | None = None,
-            adapter: str | None = None) -> Answer:
-        """Answer from the ``top_k`` retrieved compressed chunks (kept in document order)."""
-        keys = [k for k, _ in self.retrieve(question, top_k)]
-        return self._answer_keys(question, self._in_doc_order(keys), config, adapter)
+            adapter: str | None = None, expand: int = 0) -> Answer:
+        """Answer from the ``top_k`` retrieved compressed chunks (kept in document order).
+
+        ``expand``: the best-scoring ``expand`` chunks go in as text instead of vectors
+        (selective re-expansion, as REFRAG does for facts that compression blurs).
+        """
+        ranked = [k for k, _ in self.retrieve(question, top_k)]
+        return self._answer_keys(question, self._in_doc_order(ranked), config, adapter, set(ranked[:expand]))
 
     def stream_ask(self, question: str, top_k: int = 5, config: GenerationConfig | None = None,
-                   adapter: str | None = None) -> Iterator[str]:
-        keys = self._in_doc_order([k for k, _ in self.retrieve(question, top_k)])
-        pieces = self._pieces(question, keys)
+                   adapter: str | None = None, expand: int = 0) -> Iterator[str]:
+        ranked = [k for k, _ in self.retrieve(question, top_k)]
+        pieces = self._pieces(question, self._in_doc_order(ranked), set(ranked[:expand]))
         return self.generator.stream(pieces, config, self._adapter(adapter))
 
     def answer(self, question: str, contexts: Sequence[str], config: GenerationConfig | None = None,
-               adapter: str | None = None) -> Answer:
-        """Whole-document mode: compress every chunk of ``contexts`` and answer from all of them."""
+               adapter: str | None = None, expand: int = 0) -> Answer:
+        """Whole-document mode: compress every chunk of ``contexts`` and answer from all of them.
+
+        ``expand``: the ``expand`` chunks most relevant to the question (BM25) go in as text.
+        """
         texts = [c.text for ctx in contexts for c in self.chunk(ctx)]
         if not texts:
             raise ValueError("no context text given")
-        return self._answer_keys(question, self.compress_texts(texts), config, adapter)
+        keys = self.compress_texts(texts)
+        best = {keys[i] for i, _ in BM25(texts).top_k(question, expand)} if expand else set()
+        return self._answer_keys(question, keys, config, adapter, best)
 
     def complete(self, prompt: str, config: GenerationConfig | None = None, adapter: str | None = None,
                  stream: bool = False) -> Answer | Iterator[str]:
@@ -227,11 +241,16 @@ class LLoCO:
     def _adapter(self, adapter: str | None) -> str | None:
         return adapter if adapter is not None else self.adapter
 
-    def _pieces(self, question: str, keys: Sequence[str]) -> list[Piece]:
-        return self.generator.chat_pieces(qa_pieces(self.vectors(keys), question), system=self.system_prompt)
+    def _pieces(self, question: str, keys: Sequence[str], as_text: set[str] = frozenset()) -> list[Piece]:
+        """Chat prompt with each chunk as vectors, or as its text when its key is in ``as_text``."""
+        texts = self._texts(as_text) if as_text else {}
+        vecs = dict(zip(keys, self.vectors(keys)))
+        contexts = [texts[k] if k in as_text else vecs[k] for k in keys]
+        return self.generator.chat_pieces(qa_pieces(contexts, question), system=self.system_prompt)
 
-    def _answer_keys(self, question: str, keys: Sequence[str], config, adapter) -> Answer:
-        return self._finish(self._pieces(question, keys), keys, config, adapter)
+    def _answer_keys(self, question: str, keys: Sequence[str], config, adapter,
+                     as_text: set[str] = frozenset()) -> Answer:
+        return self._finish(self._pieces(question, keys, as_text), keys, config, adapter)
 
     def _finish(self, pieces: list[Piece], keys: Sequence[str], config, adapter) -> Answer:
         t0 = time.perf_counter()

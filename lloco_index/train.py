@@ -20,8 +20,9 @@ import json
 import logging
 import math
 import random
+import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,8 @@ from .synth import insert_sentence, make_fact
 
 logger = logging.getLogger(__name__)
 DECODER_ADAPTER = "default"
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n\s*\n")
+_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 AE_QUESTION = "Repeat the context word for word."
 LM_QUESTION = "Continue the text."
 
@@ -62,6 +65,7 @@ class TrainConfig:
     task_mix: str = "qa:0.5,ae:0.3,lm:0.2"
     max_chunks: int = 64  # qa contexts have 1..max_chunks chunks (log-uniform)
     max_facts: int = 3  # qa: facts hidden per context
+    expand_prob: float = 0.0  # qa/cloze: chance that one chunk is given as text (teaches `expand` mode)
     segments_per_step: int = 64  # encoder segments per optimizer step
     grad_segments: int = 48  # at most this many segments get encoder gradients; others are no-grad distractors
     lm_tokens: int = 128
@@ -127,6 +131,7 @@ class Example:
     answer: list[int]  # answer token ids (EOS appended by the batcher)
     grad_chunks: list[int] = field(default_factory=list)  # chunks that must carry encoder gradients
     vectors: list[torch.Tensor] | None = None  # finetune: precomputed (frozen compressor) vectors
+    text_chunks: list[int] = field(default_factory=list)  # chunks given as plain text (re-expanded), not vectors
 
 
 class TaskSampler:
@@ -143,7 +148,7 @@ class TaskSampler:
     def step(self) -> tuple[str, list[Example]]:
         """One optimizer step's examples: one task, one chunk count, ~segments_per_step segments."""
         task = self.rng.choices(self.tasks, self.weights)[0]
-        n_chunks = 1 if task == "ae" else self._log_uniform(self.cfg.max_chunks if task == "qa" else 4)
+        n_chunks = 1 if task == "ae" else self._log_uniform(self.cfg.max_chunks if task in ("qa", "cloze") else 4)
         length = self.cfg.segment_tokens if self.rng.random() < 0.8 else self.rng.randint(self.cfg.segment_tokens // 8, self.cfg.segment_tokens)
         n_ex = max(1, self.cfg.segments_per_step // n_chunks)
         return task, [getattr(self, task)(n_chunks, length) for _ in range(n_ex)]
@@ -169,7 +174,34 @@ class TaskSampler:
             chunks[ci] = base[:at] + ids + base[at:]
             where.append(ci)
         asked = self.rng.choice(facts)
-        return Example(chunks, asked.question, self._tokens(asked.answer), sorted(set(where)))
+        return self._maybe_expand(Example(chunks, asked.question, self._tokens(asked.answer), sorted(set(where))))
+
+    def _maybe_expand(self, ex: Example) -> Example:
+        """Give one chunk as text: usually the one holding the answer, sometimes a distractor, so the
+        decoder learns to use re-expanded text but still read the vectors."""
+        if len(ex.chunks) > 1 and self.rng.random() < self.cfg.expand_prob:
+            right = ex.grad_chunks[0] if ex.grad_chunks else 0
+            ex.text_chunks = [right if self.rng.random() < 0.7 else self.rng.randrange(len(ex.chunks))]
+        return ex
+
+    def cloze(self, n_chunks: int, length: int) -> Example:
+        """Real-text fact recall: a word blanked out of a sentence of one chunk."""
+        chunks = [self.corpus.window(self.nrng, length) for _ in range(n_chunks)]
+        for _ in range(8):
+            ci = self.rng.randrange(n_chunks)
+            sentences = [x.strip() for x in _SENTENCE.split(self.tok.decode(chunks[ci])) if len(x.split()) >= 6]
+            if not sentences:
+                continue
+            sent = self.rng.choice(sentences[1:-1] or sentences)  # inner sentences are not cut off
+            words = [w for w in _WORD.findall(sent) if len(w) >= 3]
+            if not words:
+                continue
+            rare = [w for w in words if w[0].isupper() or w[0].isdigit()]
+            word = self.rng.choice(rare or words)
+            blanked = sent.replace(word, "____", 1)
+            q = f'Which word is missing from this sentence of the context: "{blanked}"?'
+            return self._maybe_expand(Example(chunks, q, self._tokens(word), [ci]))
+        return self.ae(1, length)
 
     def ae(self, n_chunks: int, length: int) -> Example:
         chunk = self.corpus.window(self.nrng, length)
@@ -181,9 +213,10 @@ class TaskSampler:
         return Example(chunks, LM_QUESTION, seq[n_chunks * length:], list(range(n_chunks)))
 
 
-def encode_chunks(comp: ContextCompressor, examples: list[Example], grad_budget: int) -> list[list[torch.Tensor]]:
-    """Vectors for every chunk; the first ``grad_budget`` gradient chunks are encoded with grad."""
-    flat = [(i, j, c) for i, ex in enumerate(examples) for j, c in enumerate(ex.chunks)]
+def encode_chunks(comp: ContextCompressor, examples: list[Example], grad_budget: int) -> list[list]:
+    """Vectors for every chunk (text for ``text_chunks``); the first ``grad_budget`` gradient chunks
+    are encoded with grad, the rest as no-grad distractors."""
+    flat = [(i, j, c) for i, ex in enumerate(examples) for j, c in enumerate(ex.chunks) if j not in ex.text_chunks]
     want = {(i, j) for i, ex in enumerate(examples) for j in ex.grad_chunks}
     grad_ids = [k for k, (i, j, _) in enumerate(flat) if (i, j) in want][:grad_budget]
     rest = [k for k in range(len(flat)) if k not in set(grad_ids)]
@@ -197,10 +230,10 @@ def encode_chunks(comp: ContextCompressor, examples: list[Example], grad_budget:
             for ks in by_len.values():
                 vecs = comp.encode_segments([flat[k][2] for k in ks], grad=grad)
                 out.update(zip(ks, vecs))
-    res: list[list[torch.Tensor]] = [[] for _ in examples]
-    for k, (i, _, _) in enumerate(flat):
-        res[i].append(out[k])
-    return res
+    vec = {(i, j): out[k] for k, (i, j, _) in enumerate(flat)}
+    tok = comp.backbone.tokenizer
+    return [[vec[(i, j)] if (i, j) in vec else tok.decode(c) for j, c in enumerate(ex.chunks)]
+            for i, ex in enumerate(examples)]
 
 
 class DecoderBatcher:
@@ -276,13 +309,13 @@ def evaluate(bb: Backbone, comp: ContextCompressor, sampler: TaskSampler, batche
     """Held-out teacher-forced answer accuracy per task, plus QA exact match at 8 and 32 chunks (greedy)."""
     bb.model.eval()
     res = {}
-    for task, chunks in (("qa", 8), ("qa", 32), ("ae", 1), ("lm", 2)):
+    for task, chunks in (("qa", 8), ("qa", 32), ("cloze", 4), ("ae", 1), ("lm", 2)):
         exs = [getattr(sampler, task)(chunks, comp.config.segment_tokens) for _ in range(n)]
         vecs = encode_chunks(comp, exs, 0)
         x, labels = batcher(vecs, [e.question for e in exs], [e.answer for e in exs])
         loss, acc = answer_loss(bb, x, labels)
         res[f"{task}{chunks}_loss"], res[f"{task}{chunks}_acc"] = round(loss.item(), 4), round(acc.item(), 4)
-        if task == "qa":
+        if task in ("qa", "cloze"):
             gen = Generator(bb)
             prompts = [gen.chat_pieces(qa_pieces(v, e.question), system=SYSTEM_PROMPT) for v, e in zip(vecs, exs)]
             from .generation import GenerationConfig
@@ -303,7 +336,7 @@ def train_compressor(cfg: TrainConfig) -> Path:
     bb, comp = setup_models(cfg, acc.device, train_encoder=True)
     train_c, held_c = Corpus.load(cfg.corpus).split()
     sampler = TaskSampler(train_c, bb.tokenizer, cfg, cfg.seed + 1000 * acc.process_index)
-    held = TaskSampler(held_c, bb.tokenizer, cfg, 12345)
+    held = TaskSampler(held_c, bb.tokenizer, replace(cfg, expand_prob=0.0), 12345)  # eval: vectors only
     batcher = DecoderBatcher(bb)
     lora = [p for n, p in bb.model.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": lora, "lr": cfg.lr}, {"params": [comp.summary], "lr": cfg.summary_lr}],
