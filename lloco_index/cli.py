@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from .presets import PRESETS
+
 SAMPLES = Path(__file__).parent / "samples"
 DEMO_QUESTIONS = [
     ("Who founded the Harbor Street Lighthouse Museum?", "Miriam Okafor"),
@@ -19,8 +21,11 @@ DEMO_QUESTIONS = [
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="embedded name, local folder or hub id")
-    p.add_argument("--adapter", default=None, help="decoder LoRA folder, or 'base' for none (default: bundled)")
-    p.add_argument("--compressor", default=None, help="compressor folder (default: bundled for --model)")
+    p.add_argument("--adapter", default=None, help="decoder LoRA folder or hub id, or 'base' for none (default: bundled)")
+    p.add_argument("--compressor", default=None,
+                   help="compressor folder (default: --model's own if it is an AutoCompressor, else bundled)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="LLoCO prompt format of the matching xiuyul/Lloco-7b-* adapter (default: chat layout)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
 
@@ -52,12 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("question")
     p.add_argument("--context", nargs="+", required=True, metavar="FILE")
     p.add_argument("--store", default=None, help="optional store to cache the compressed chunks")
+    p.add_argument("--accumulate", action="store_true",
+                   help="compress each file whole in AutoCompressor's recurrent mode, as LLoCO did (not cached)")
     _common(p)
     _gen(p)
 
     p = sub.add_parser("info", help="describe a store")
     p.add_argument("--store", required=True)
     _common(p)
+
+    p = sub.add_parser("convert-checkpoint", help="rewrite a model/adapter folder's pickled *.bin weights as safetensors")
+    p.add_argument("src", help="folder with pytorch_model*.bin or adapter_model.bin")
+    p.add_argument("dst", help="new folder to write")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
 
     p = sub.add_parser("demo", help="ingest the bundled sample and answer a few questions")
     p.add_argument("--store", default=None, help="default: a fresh temporary folder")
@@ -69,7 +81,7 @@ def _load(args, store: str | None):
     from .pipeline import LLoCO
 
     return LLoCO.from_pretrained(args.model, compressor=args.compressor, adapter=args.adapter,
-                                 store=store, device=args.device)
+                                 store=store, device=args.device, prompt_preset=args.preset)
 
 
 def _config(args):
@@ -115,7 +127,15 @@ def cmd_answer(args) -> None:
 
     texts = [read_text_file(f) for f in args.context]
     lloco = _load(args, args.store)
-    _answer_out(args, lloco.answer(args.question, texts, config=_config(args)))
+    _answer_out(args, lloco.answer(args.question, texts, config=_config(args), accumulate=args.accumulate))
+
+
+def cmd_convert_checkpoint(args) -> None:
+    from .checkpoints import convert_checkpoint
+
+    files = convert_checkpoint(args.src, args.dst)
+    _emit(args, {"src": args.src, "dst": args.dst, "files": files},
+          f"wrote {', '.join(files)} to {args.dst}")
 
 
 def cmd_info(args) -> None:
@@ -163,7 +183,8 @@ def cmd_demo(args) -> None:
         print(json.dumps(summary))
 
 
-COMMANDS = {"ingest": cmd_ingest, "ask": cmd_ask, "answer": cmd_answer, "info": cmd_info, "demo": cmd_demo}
+COMMANDS = {"ingest": cmd_ingest, "ask": cmd_ask, "answer": cmd_answer, "info": cmd_info, "demo": cmd_demo,
+            "convert-checkpoint": cmd_convert_checkpoint}
 
 
 def main(argv: list[str] | None = None) -> int:
