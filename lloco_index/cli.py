@@ -40,9 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("ingest", help="chunk + compress text files/folders into a store")
-    p.add_argument("paths", nargs="+")
-    p.add_argument("--store", required=True)
+    p.add_argument("paths", nargs="+", help="files/folders; with --ray also Parquet/JSONL tables and fsspec URLs")
+    p.add_argument("--store", required=True, help="store folder; with --ray also an fsspec URL (s3://...)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--ray", action="store_true", help="distribute over a Ray cluster (RAY_ADDRESS, else local)")
+    p.add_argument("--num-gpus", type=int, default=0, help="--ray: compressor actors with one GPU each")
+    p.add_argument("--num-workers", type=int, default=1, help="--ray without GPUs: CPU compressor actors")
+    p.add_argument("--ray-address", default=None, help="--ray: cluster address (default: RAY_ADDRESS or local)")
+    p.add_argument("--text-column", default="text", help="--ray: Parquet/JSONL column with the text")
+    p.add_argument("--id-column", default="id", help="--ray: Parquet/JSONL column naming the document")
     _common(p)
 
     p = sub.add_parser("ask", help="answer from the top-k retrieved compressed chunks")
@@ -95,8 +101,17 @@ def _emit(args, obj: dict, human: str) -> None:
 
 
 def cmd_ingest(args) -> None:
-    lloco = _load(args, args.store)
-    report = lloco.ingest(args.paths, batch_size=args.batch_size, show_progress_bar=not args.json)
+    if args.ray:
+        from .distributed import RayIngestConfig, ingest
+
+        config = RayIngestConfig(num_gpus=args.num_gpus, num_workers=args.num_workers, batch_size=args.batch_size,
+                                 address=args.ray_address, text_column=args.text_column, id_column=args.id_column)
+        report = ingest(args.paths, args.store, model=args.model, compressor=args.compressor, config=config,
+                        show_progress_bar=not args.json)
+    elif "://" in args.store:
+        raise ValueError(f"--store {args.store}: a store URL needs --ray (a plain ingest writes a local folder)")
+    else:
+        report = _load(args, args.store).ingest(args.paths, batch_size=args.batch_size, show_progress_bar=not args.json)
     _emit(args, {**vars(report), "store": args.store},
           f"ingested {report.documents} documents: {report.chunks} chunks ({report.new_chunks} new), "
           f"{report.source_tokens} source tokens -> store {args.store}")
