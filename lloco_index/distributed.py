@@ -20,7 +20,7 @@ import shutil
 import sqlite3
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -108,8 +108,8 @@ def _expand(paths: Sequence[str | Path]) -> tuple[list[str], list[str]]:
         files += _remote_files(p) if "://" in p else [str(f) for f in iter_text_files([p], TEXT_SUFFIXES | TABLE_SUFFIXES)]
     if not files:
         raise ValueError(f"no text (.txt/.md/.rst) or table (.parquet/.jsonl) files found in {', '.join(map(str, paths))}")
-    tables = [f for f in files if Path(f).suffix.lower() in TABLE_SUFFIXES]
-    return [f for f in files if f not in set(tables)], tables
+    is_table = [Path(f).suffix.lower() in TABLE_SUFFIXES for f in files]
+    return [f for f, t in zip(files, is_table) if not t], [f for f, t in zip(files, is_table) if t]
 
 
 def _remote_files(url: str) -> list[str]:
@@ -305,7 +305,7 @@ class _RemoteStore:
     def sync(self) -> None:
         """Upload a consistent snapshot of the index (its shards are already up)."""
         snapshot = self.staging / "index.snapshot"
-        with sqlite3.connect(self.staging / "index.sqlite") as src, sqlite3.connect(snapshot) as dst:
+        with closing(sqlite3.connect(self.staging / "index.sqlite")) as src, closing(sqlite3.connect(snapshot)) as dst:
             src.backup(dst)
         self.fs.put_file(str(snapshot), f"{self.root}/index.sqlite.part")
         self.fs.mv(f"{self.root}/index.sqlite.part", f"{self.root}/index.sqlite")

@@ -116,3 +116,11 @@ def test_table_without_the_text_column_becomes_an_error_row():
     assert list(rows["error"]) == ["table has no column 'text' (columns: id, body); set --id-column/--text-column"]
     ok = _table_rows(pa.table({"id": [7], "text": ["hello"]}), id_col="id", text_col="text")
     assert (list(ok["doc"]), list(ok["text"]), list(ok["error"])) == (["7"], ["hello"], [""])
+
+
+def test_store_url_without_ray_is_refused(tmp_path, capsys):
+    from lloco_index.cli import main
+
+    assert main(["ingest", str(tmp_path), "--store", "s3://bucket/store"]) == 2
+    assert "a store URL needs --ray" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir()) and not Path("s3:").exists()
