@@ -15,7 +15,7 @@ from typing import Iterator
 
 import torch
 
-from .models import DEFAULT_MODEL, load_base_model
+from .models import DEFAULT_MODEL, hub_snapshot, is_hub_id, load_base_model
 
 BASE = "__base__"  # PEFT's name for "no adapter" in mixed-adapter batches
 
@@ -64,15 +64,19 @@ class Backbone:
         return self.model.get_input_embeddings()(ids.to(self.device))
 
     def load_adapter(self, path: str | Path, name: str, trainable: bool = False) -> None:
-        """Load a PEFT LoRA adapter folder under ``name`` after checking it fits this base model."""
+        """Load a PEFT LoRA adapter (local folder or hub id) under ``name`` after checking it fits this base model."""
         from peft import PeftModel
 
+        from .checkpoints import pickle_hint
+
         path = Path(path)
+        if is_hub_id(str(path)):
+            path = Path(hub_snapshot(str(path)))
         cfg_file = path / "adapter_config.json"
         if not cfg_file.is_file():
             raise UnknownAdapterError(f"adapter not found: {path} has no adapter_config.json")
         if not (path / "adapter_model.safetensors").is_file():
-            raise ValueError(f"{path}: adapter weights must be in adapter_model.safetensors (pickles are refused)")
+            raise ValueError(f"{path}: adapter weights must be in adapter_model.safetensors; {pickle_hint(path)}")
         _check_adapter_shapes(path, self.model)
         with self.lock:
             if self._peft:

@@ -61,8 +61,11 @@ def chunk_text(text: str, tokenizer, segment_tokens: int, min_fill: float = 0.8)
 
 def read_text_file(path: str | Path) -> str:
     """Read a UTF-8 text file; reject binary or non-UTF-8 input with a one-line reason."""
-    path = Path(path)
-    data = path.read_bytes()
+    return decode_text(Path(path).read_bytes(), path)
+
+
+def decode_text(data: bytes, path: str | Path) -> str:
+    """File bytes -> text, with the checks of ``read_text_file`` (for files read by other means)."""
     if not data.strip():
         raise ValueError(f"{path}: file is empty")
     if b"\x00" in data[:8192]:
@@ -73,12 +76,15 @@ def read_text_file(path: str | Path) -> str:
         raise ValueError(f"{path}: not valid UTF-8 text (byte {e.start}); convert it to UTF-8 first") from None
 
 
-def iter_text_files(paths: list[str | Path]) -> list[Path]:
+TEXT_SUFFIXES = frozenset({".txt", ".md", ".rst"})
+
+
+def iter_text_files(paths: list[str | Path], suffixes: frozenset[str] = TEXT_SUFFIXES) -> list[Path]:
     """Expand files and folders (recursively, ``*.txt``/``*.md``/``*.rst``) into a sorted file list."""
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in {".txt", ".md", ".rst"}))
+            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes))
         elif p.is_file():
             out.append(p)
         else:

@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from .presets import PRESETS
+
 SAMPLES = Path(__file__).parent / "samples"
 DEMO_QUESTIONS = [
     ("Who founded the Harbor Street Lighthouse Museum?", "Miriam Okafor"),
@@ -19,8 +21,11 @@ DEMO_QUESTIONS = [
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="embedded name, local folder or hub id")
-    p.add_argument("--adapter", default=None, help="decoder LoRA folder, or 'base' for none (default: bundled)")
-    p.add_argument("--compressor", default=None, help="compressor folder (default: bundled for --model)")
+    p.add_argument("--adapter", default=None, help="decoder LoRA folder or hub id, or 'base' for none (default: bundled)")
+    p.add_argument("--compressor", default=None,
+                   help="compressor folder (default: --model's own if it is an AutoCompressor, else bundled)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="LLoCO prompt format of the matching xiuyul/Lloco-7b-* adapter (default: chat layout)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
 
@@ -37,9 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("ingest", help="chunk + compress text files/folders into a store")
-    p.add_argument("paths", nargs="+")
-    p.add_argument("--store", required=True)
+    p.add_argument("paths", nargs="+", help="files/folders; with --ray also Parquet/JSONL tables and fsspec URLs")
+    p.add_argument("--store", required=True, help="store folder; with --ray also an fsspec URL (s3://...)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--ray", action="store_true", help="distribute over a Ray cluster (RAY_ADDRESS, else local)")
+    p.add_argument("--num-gpus", type=int, default=0, help="--ray: compressor actors with one GPU each")
+    p.add_argument("--num-workers", type=int, default=1, help="--ray without GPUs: CPU compressor actors")
+    p.add_argument("--ray-address", default=None, help="--ray: cluster address (default: RAY_ADDRESS or local)")
+    p.add_argument("--text-column", default="text", help="--ray: Parquet/JSONL column with the text")
+    p.add_argument("--id-column", default="id", help="--ray: Parquet/JSONL column naming the document")
     _common(p)
 
     p = sub.add_parser("ask", help="answer from the top-k retrieved compressed chunks")
@@ -54,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("question")
     p.add_argument("--context", nargs="+", required=True, metavar="FILE")
     p.add_argument("--store", default=None, help="optional store to cache the compressed chunks")
+    p.add_argument("--accumulate", action="store_true",
+                   help="compress each file whole in AutoCompressor's recurrent mode, as LLoCO did (not cached)")
     _common(p)
     _gen(p)
 
@@ -68,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "--KEY VALUE for any TrainConfig field (e.g. --out_dir runs/x --max_minutes 8)")
     p.set_defaults(json=False)
 
+    p = sub.add_parser("convert-checkpoint", help="rewrite a model/adapter folder's pickled *.bin weights as safetensors")
+    p.add_argument("src", help="folder with pytorch_model*.bin or adapter_model.bin")
+    p.add_argument("dst", help="new folder to write")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+
     p = sub.add_parser("demo", help="ingest the bundled sample and answer a few questions")
     p.add_argument("--store", default=None, help="default: a fresh temporary folder")
     _common(p)
@@ -78,7 +96,7 @@ def _load(args, store: str | None):
     from .pipeline import LLoCO
 
     return LLoCO.from_pretrained(args.model, compressor=args.compressor, adapter=args.adapter,
-                                 store=store, device=args.device)
+                                 store=store, device=args.device, prompt_preset=args.preset)
 
 
 def _config(args):
@@ -92,8 +110,17 @@ def _emit(args, obj: dict, human: str) -> None:
 
 
 def cmd_ingest(args) -> None:
-    lloco = _load(args, args.store)
-    report = lloco.ingest(args.paths, batch_size=args.batch_size, show_progress_bar=not args.json)
+    if args.ray:
+        from .distributed import RayIngestConfig, ingest
+
+        config = RayIngestConfig(num_gpus=args.num_gpus, num_workers=args.num_workers, batch_size=args.batch_size,
+                                 address=args.ray_address, text_column=args.text_column, id_column=args.id_column)
+        report = ingest(args.paths, args.store, model=args.model, compressor=args.compressor, config=config,
+                        show_progress_bar=not args.json)
+    elif "://" in args.store:
+        raise ValueError(f"--store {args.store}: a store URL needs --ray (a plain ingest writes a local folder)")
+    else:
+        report = _load(args, args.store).ingest(args.paths, batch_size=args.batch_size, show_progress_bar=not args.json)
     _emit(args, {**vars(report), "store": args.store},
           f"ingested {report.documents} documents: {report.chunks} chunks ({report.new_chunks} new), "
           f"{report.source_tokens} source tokens -> store {args.store}")
@@ -124,7 +151,16 @@ def cmd_answer(args) -> None:
 
     texts = [read_text_file(f) for f in args.context]
     lloco = _load(args, args.store)
-    _answer_out(args, lloco.answer(args.question, texts, config=_config(args), expand=args.expand))
+    _answer_out(args, lloco.answer(args.question, texts, config=_config(args), expand=args.expand,
+                                   accumulate=args.accumulate))
+
+
+def cmd_convert_checkpoint(args) -> None:
+    from .checkpoints import convert_checkpoint
+
+    files = convert_checkpoint(args.src, args.dst)
+    _emit(args, {"src": args.src, "dst": args.dst, "files": files},
+          f"wrote {', '.join(files)} to {args.dst}")
 
 
 def cmd_info(args) -> None:
@@ -205,7 +241,7 @@ def cmd_demo(args) -> None:
 
 
 COMMANDS = {"ingest": cmd_ingest, "ask": cmd_ask, "answer": cmd_answer, "info": cmd_info, "train": cmd_train,
-            "demo": cmd_demo}
+            "demo": cmd_demo, "convert-checkpoint": cmd_convert_checkpoint}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,9 @@ Each segment is followed by ``summary_tokens`` learned embeddings (their own tab
 AutoCompressor's ``embed_summary``); the encoder (base model + optional encoder LoRA) runs over
 ``[segment, summary]`` and the final hidden states (after the final norm) at the summary positions
 are the segment's compressed form. Segments are compressed independently, so any retrieved
-subset of chunks can be assembled in any order.
+subset of chunks can be assembled in any order. ``compress(..., accumulate=True)`` is
+AutoCompressor's recurrent mode for whole documents instead: segment i also sees the vectors of
+segments 0..i-1 in front of it, so its vectors depend on everything before it.
 """
 
 from __future__ import annotations
@@ -85,6 +87,22 @@ class ContextCompressor:
         return cls(backbone, config, init.expand(config.summary_tokens, -1).clone())
 
     @classmethod
+    def from_autocompressor(cls, backbone: Backbone, path: str | Path,
+                            segment_tokens: int = 1536) -> "ContextCompressor":
+        """The compressor of an AutoCompressor checkpoint folder that ``backbone`` was loaded from.
+
+        Its LoRA is merged into the weights, so there is no encoder adapter: only the
+        ``embed_summary`` table is read. ``segment_tokens`` defaults to LLoCO's 1536.
+        """
+        from .checkpoints import read_summary_embeddings
+
+        table = read_summary_embeddings(path)
+        config = CompressorConfig(base_model=backbone.name_or_path, segment_tokens=segment_tokens,
+                                  summary_tokens=table.shape[0], hidden_size=backbone.hidden_size,
+                                  store_dtype="bfloat16")  # the model's own dtype on GPU: lossless
+        return cls(backbone, config, table)
+
+    @classmethod
     def from_pretrained(cls, backbone: Backbone, path: str | Path) -> "ContextCompressor":
         path = Path(path)
         if not (path / CONFIG_NAME).is_file():
@@ -139,19 +157,28 @@ class ContextCompressor:
         n = self.config.segment_tokens
         return [ids[i:i + n] for i in range(0, len(ids), n)]
 
-    def encode_segments(self, segments: list[list[int]], grad: bool = False) -> torch.Tensor:
+    def encode_segments(self, segments: list[list[int]], grad: bool = False,
+                        prefix: torch.Tensor | None = None) -> torch.Tensor:
         """Encode token-id segments (one batch) into ``[B, summary_tokens, hidden]``.
 
         Left-padded so the summary positions are the last ``summary_tokens`` of every row, with
-        positions counted from each row's first real token. ``grad=True`` is the training path.
+        positions counted from each row's first real token. ``prefix`` ``[B, P, hidden]`` are
+        vectors placed before each segment (accumulate mode). ``grad=True`` is the training path.
         """
         bb, k = self.backbone, self.config.summary_tokens
         width = max(len(s) for s in segments)
+        n_prefix = 0 if prefix is None else prefix.shape[1]
         pad = bb.tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(s)) + s for s in segments], device=bb.device)
-        mask = torch.tensor([[0] * (width - len(s)) + [1] * (len(s) + k) for s in segments], device=bb.device)
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * (n_prefix + len(s) + k) for s in segments],
+                            device=bb.device)
         summary = self.summary.to(bb.dtype).unsqueeze(0).expand(len(segments), -1, -1)
-        embeds = torch.cat([bb.embed(ids), summary], dim=1)
+        tokens = bb.embed(ids)
+        if prefix is not None:  # padding goes before the prefix: [pad, prefix, segment, summary]
+            prefix = prefix.to(bb.device, tokens.dtype)
+            tokens = torch.stack([torch.cat([t[:width - len(s)], p, t[width - len(s):]])
+                                  for t, p, s in zip(tokens, prefix, segments)])
+        embeds = torch.cat([tokens, summary], dim=1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with bb.use(self.encoder_adapter), torch.set_grad_enabled(grad):
             # the decoder stack alone: its last_hidden_state is after the final norm, and the
@@ -161,31 +188,50 @@ class ContextCompressor:
         return out.last_hidden_state[:, -k:]
 
     @torch.inference_mode()
-    def compress(self, texts: str | list[str], batch_size: int = 16,
-                 show_progress_bar: bool = False) -> torch.Tensor | list[torch.Tensor]:
+    def compress(self, texts: str | list[str], batch_size: int = 16, show_progress_bar: bool = False,
+                 accumulate: bool = False) -> torch.Tensor | list[torch.Tensor]:
         """Compress each text (any length: several segments) into a CPU tensor in ``store_dtype``.
 
         Segments are sorted by length so batches carry little padding; results come back in input order.
+        ``accumulate=True``: AutoCompressor's recurrent mode (each segment sees the vectors of the
+        previous segments of its text), as LLoCO compresses whole documents.
         """
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
-        owners: list[int] = []
-        segs: list[list[int]] = []
-        for i, t in enumerate(texts):
-            s = self.segments(t)
+        per_text = [self.segments(t) for t in texts]
+        for i, s in enumerate(per_text):
             if not s:
                 raise ValueError(f"text {i} is empty: nothing to compress")
-            owners += [i] * len(s)
-            segs += s
+        run = self._accumulated if accumulate else self._independent
+        dtype = getattr(torch, self.config.store_dtype)
+        out = [v.to("cpu", dtype) for v in run(per_text, batch_size, show_progress_bar)]
+        return out[0] if single else out
+
+    def _independent(self, per_text: list[list[list[int]]], batch_size: int, progress: bool) -> list[torch.Tensor]:
+        owners = [i for i, s in enumerate(per_text) for _ in s]
+        segs = [seg for s in per_text for seg in s]
         order = sorted(range(len(segs)), key=lambda j: len(segs[j]), reverse=True)
         outs: list[torch.Tensor | None] = [None] * len(segs)
-        dtype = getattr(torch, self.config.store_dtype)
         from tqdm.auto import tqdm
 
-        for b in tqdm(range(0, len(order), batch_size), disable=not show_progress_bar, desc="compress"):
+        for b in tqdm(range(0, len(order), batch_size), disable=not progress, desc="compress"):
             idx = order[b:b + batch_size]
-            vecs = self.encode_segments([segs[j] for j in idx]).to("cpu", dtype)
-            for j, v in zip(idx, vecs):
+            for j, v in zip(idx, self.encode_segments([segs[j] for j in idx]).to("cpu")):
                 outs[j] = v.clone()
-        per_text = [torch.cat([outs[j] for j in range(len(segs)) if owners[j] == i]) for i in range(len(texts))]
-        return per_text[0] if single else per_text
+        return [torch.cat([outs[j] for j in range(len(segs)) if owners[j] == i]) for i in range(len(per_text))]
+
+    def _accumulated(self, per_text: list[list[list[int]]], batch_size: int, progress: bool) -> list[torch.Tensor]:
+        """Step i encodes segment i of every text that has one, behind that text's vectors so far."""
+        bb = self.backbone
+        memory = [torch.zeros(0, bb.hidden_size, device=bb.device, dtype=bb.dtype) for _ in per_text]
+        from tqdm.auto import tqdm
+
+        for step in tqdm(range(max(map(len, per_text))), disable=not progress, desc="compress (accumulate)"):
+            active = [i for i, s in enumerate(per_text) if len(s) > step]
+            for b in range(0, len(active), batch_size):
+                idx = active[b:b + batch_size]
+                prefix = torch.stack([memory[i] for i in idx]) if step else None  # all [step * k, hidden]
+                vecs = self.encode_segments([per_text[i][step] for i in idx], prefix=prefix)
+                for i, v in zip(idx, vecs):
+                    memory[i] = torch.cat([memory[i], v])
+        return [m.to("cpu") for m in memory]

@@ -5,4 +5,4 @@ from .generation import PromptTooLongError
 from .store import StoreError
 
 USER_ERRORS = (StoreError, PromptTooLongError, UnknownAdapterError, FileNotFoundError, PermissionError,
-               ValueError, OSError)
+               ValueError, OSError, ModuleNotFoundError)  # the last: an optional extra is not installed

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -136,19 +137,44 @@ def convert_embedded(name: str) -> Path:
     return out
 
 
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def is_hub_id(name: str) -> bool:
+    """``owner/name`` that is not an existing local path."""
+    return bool(_HUB_ID.fullmatch(name)) and not Path(name).exists()
+
+
 def resolve_model_path(name_or_path: str) -> str:
-    """Map an embedded name to its converted folder; pass local folders and hub ids through."""
+    """A local folder for an embedded name (converted once), a local folder, or a hub id (cached snapshot)."""
     if name_or_path in EMBEDDED_MODELS:
         return str(convert_embedded(name_or_path))
-    return name_or_path
+    if is_hub_id(name_or_path):
+        return hub_snapshot(name_or_path)
+    if Path(name_or_path).exists():
+        return name_or_path
+    raise FileNotFoundError(f"model folder not found: {name_or_path}")
+
+
+def hub_snapshot(repo_id: str) -> str:
+    """Local snapshot of a hub repo (from the HF cache when ``HF_HUB_OFFLINE=1``); pickles are not fetched."""
+    from huggingface_hub import snapshot_download
+
+    from .checkpoints import PICKLE_SUFFIXES
+
+    try:
+        return snapshot_download(repo_id, ignore_patterns=[f"*{s}" for s in PICKLE_SUFFIXES])
+    except (OSError, ValueError) as e:  # not found, offline and not cached, invalid id
+        raise FileNotFoundError(f"{repo_id}: no such local folder, and no usable copy on the Hugging Face hub "
+                                f"or in its cache ({type(e).__name__})") from e
 
 
 def load_base_model(name_or_path: str = DEFAULT_MODEL, device: torch.device | str | None = None,
                     dtype: torch.dtype | None = None):
     """Load ``(model, tokenizer)`` in eval mode from an embedded name, a local folder or a hub id.
 
-    Hub ids go through ``from_pretrained`` as usual (set ``HF_HUB_OFFLINE=1`` to use only the
-    local HF cache). Example::
+    Hub ids are fetched into the HF cache without pickled files (set ``HF_HUB_OFFLINE=1`` to use
+    only the cache); folders whose weights are only pickles are refused. Example::
 
         model, tok = load_base_model("smollm2-135m")   # LlamaForCausalLM, hidden 576
     """
@@ -157,11 +183,22 @@ def load_base_model(name_or_path: str = DEFAULT_MODEL, device: torch.device | st
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     path = resolve_model_path(name_or_path)
-    if os.path.sep in name_or_path or name_or_path.startswith("."):
-        if not Path(path).exists():
-            raise FileNotFoundError(f"model folder not found: {path}")
+    _require_safetensors(Path(path), name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _require_safetensors(path: Path, name_or_path: str) -> None:
+    """Refuse folders whose weights are only pickles, which transformers would unpickle."""
+    from .checkpoints import PICKLE_SUFFIXES, pickle_hint
+
+    if not path.is_dir() or any(path.glob("*.safetensors")):
+        return
+    if str(path) != name_or_path:  # a hub snapshot: pickles were not downloaded
+        raise ValueError(f"{name_or_path}: the hub repo has no safetensors weights; download it with "
+                         f"`hf download {name_or_path} --local-dir DIR`, then {pickle_hint('DIR')}")
+    pickles = sorted(f.name for f in path.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    raise ValueError(f"{path}: no safetensors weights ({', '.join(pickles) or 'no weight files'}); {pickle_hint(path)}")

@@ -18,10 +18,12 @@ from typing import Iterator, Sequence
 import torch
 
 from .backbone import Backbone
+from .checkpoints import is_autocompressor
 from .chunking import Chunk, chunk_text, iter_text_files, read_text_file
 from .compressor import ContextCompressor
 from .generation import GenerationConfig, Generator, Piece
 from .models import DEFAULT_MODEL
+from .presets import get_preset
 from .prompts import SYSTEM_PROMPT, qa_pieces
 from .retrieval import BM25
 from .store import CompressedStore, KeyRef, StoreError, chunk_key
@@ -63,7 +65,10 @@ class LLoCO:
     """Compressor + store + LoRA decoder over one shared base model."""
 
     def __init__(self, backbone: Backbone, compressor: ContextCompressor, store: CompressedStore | None = None,
-                 adapter: str | None = None, system_prompt: str = SYSTEM_PROMPT):
+                 adapter: str | None = None, system_prompt: str = SYSTEM_PROMPT, prompt_preset: str | None = None):
+        if prompt_preset is not None:
+            get_preset(prompt_preset)  # fail now, not at the first question
+        self.prompt_preset = prompt_preset
         self.backbone = backbone
         self.compressor = compressor
         self.generator = Generator(backbone)
@@ -76,19 +81,25 @@ class LLoCO:
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, *, compressor: str | Path | None = None,
                         adapter: str | Path | None = None, store: str | Path | None = None,
-                        device: str | None = None) -> "LLoCO":
+                        device: str | None = None, prompt_preset: str | None = None) -> "LLoCO":
         """Load the base model, the compressor and a decoder adapter; open or create ``store``.
 
         Args:
             model: embedded name (``smollm2-135m``), local folder or hub id.
-            compressor: compressor folder; default: the bundled trained one for ``model``, else untrained.
-            adapter: PEFT LoRA folder, ``"base"`` for none; default: the bundled QA adapter.
+            compressor: compressor folder; default: the model's own when it is an AutoCompressor
+                checkpoint, else the bundled trained one for ``model``, else untrained.
+            adapter: PEFT LoRA folder or hub id, ``"base"`` for none; default: the bundled QA adapter.
             store: folder of a compressed store (created if missing).
             device: ``cuda``/``cpu``; default: CUDA when available.
+            prompt_preset: a prompt format of ``lloco_index.presets`` (e.g. ``"quality"`` for the
+                LLoCO QuALITY adapter); default: the chat-template layout of ``prompts.qa_pieces``.
         """
         backbone = Backbone.from_pretrained(model, device=device)
+        model_dir = Path(backbone.model.config.name_or_path)  # the resolved local folder
         comp_dir = Path(compressor) if compressor else bundled(model, "compressor")
-        if comp_dir is not None:
+        if compressor is None and is_autocompressor(model_dir):
+            comp = ContextCompressor.from_autocompressor(backbone, model_dir)
+        elif comp_dir is not None:
             comp = ContextCompressor.from_pretrained(backbone, comp_dir)
         else:
             logger.warning("no trained compressor for %s: using untrained summary embeddings "
@@ -98,13 +109,13 @@ class LLoCO:
         if adapter != "base":
             adapter_dir = Path(adapter) if adapter else bundled(model, "decoder")
             if adapter_dir is not None:
-                name = DEFAULT_ADAPTER if adapter is None else adapter_dir.name
+                name = DEFAULT_ADAPTER if adapter is None else Path(adapter).name
                 backbone.load_adapter(adapter_dir, name)
         st = None
         if store is not None:
             st = CompressedStore(store, fingerprint=comp.fingerprint(), create=True,
                                  compressor_config=asdict(comp.config))
-        return cls(backbone, comp, st, adapter=name)
+        return cls(backbone, comp, st, adapter=name, prompt_preset=prompt_preset)
 
     # -- compression --------------------------------------------------------------------------
     def chunk(self, text: str) -> list[Chunk]:
@@ -205,11 +216,21 @@ class LLoCO:
         return self.generator.stream(pieces, config, self._adapter(adapter))
 
     def answer(self, question: str, contexts: Sequence[str], config: GenerationConfig | None = None,
-               adapter: str | None = None, expand: int = 0) -> Answer:
+               adapter: str | None = None, expand: int = 0, accumulate: bool = False) -> Answer:
         """Whole-document mode: compress every chunk of ``contexts`` and answer from all of them.
 
         ``expand``: the ``expand`` chunks most relevant to the question (BM25) go in as text.
+        ``accumulate=True`` compresses each context whole in AutoCompressor's recurrent mode, as
+        LLoCO did for its adapters. Those vectors depend on the whole document, so they are not
+        chunk-addressable: they are computed per call and never written to the store.
         """
+        if accumulate:
+            docs = [c for c in contexts if c]
+            if not docs:
+                raise ValueError("no context text given")
+            n_src = sum(len(self.backbone.tokenizer(d, add_special_tokens=False)["input_ids"]) for d in docs)
+            pieces = self._pieces_for(question, self.compressor.compress(docs, accumulate=True))
+            return self._finish(pieces, [], config, adapter, source_tokens=n_src)
         texts = [c.text for ctx in contexts for c in self.chunk(ctx)]
         if not texts:
             raise ValueError("no context text given")
@@ -242,21 +263,26 @@ class LLoCO:
         return adapter if adapter is not None else self.adapter
 
     def _pieces(self, question: str, keys: Sequence[str], as_text: set[str] = frozenset()) -> list[Piece]:
-        """Chat prompt with each chunk as vectors, or as its text when its key is in ``as_text``."""
+        """Prompt with each chunk as vectors, or as its text when its key is in ``as_text``."""
         texts = self._texts(as_text) if as_text else {}
         vecs = dict(zip(keys, self.vectors(keys)))
-        contexts = [texts[k] if k in as_text else vecs[k] for k in keys]
+        return self._pieces_for(question, [texts[k] if k in as_text else vecs[k] for k in keys])
+
+    def _pieces_for(self, question: str, contexts: Sequence[Piece]) -> list[Piece]:
+        if self.prompt_preset is not None:  # LLoCO's own formats: vectors, then plain text, no chat template
+            return get_preset(self.prompt_preset).pieces(contexts, question)
         return self.generator.chat_pieces(qa_pieces(contexts, question), system=self.system_prompt)
 
     def _answer_keys(self, question: str, keys: Sequence[str], config, adapter,
                      as_text: set[str] = frozenset()) -> Answer:
         return self._finish(self._pieces(question, keys, as_text), keys, config, adapter)
 
-    def _finish(self, pieces: list[Piece], keys: Sequence[str], config, adapter) -> Answer:
+    def _finish(self, pieces: list[Piece], keys: Sequence[str], config, adapter,
+                source_tokens: int | None = None) -> Answer:
         t0 = time.perf_counter()
         name = self._adapter(adapter)
         gen = self.generator.generate([pieces], config, [name])[0]
         return Answer(answer=gen.text.strip(), prompt_tokens=gen.prompt_tokens,
-                      source_tokens=self._source_tokens(keys),
+                      source_tokens=self._source_tokens(keys) if source_tokens is None else source_tokens,
                       context_vectors=sum(p.shape[0] for p in pieces if isinstance(p, torch.Tensor)),
                       chunks=list(keys), adapter=name, latency_s=time.perf_counter() - t0)

@@ -238,6 +238,10 @@ class CompressedStore:
                     self._cache.popitem(last=False)
         return [out[k] for k in keys]
 
+    def keys(self) -> list[str]:
+        """Every stored chunk key, in insertion order (cheap: no text, no tensors)."""
+        return [r[0] for r in self._db().execute("SELECT key FROM chunks ORDER BY rowid")]
+
     def chunks(self, keys: list[str] | None = None) -> list[StoredChunk]:
         """Stored chunk metadata and text in insertion order (document order); all when ``keys`` is None."""
         db = self._db()
