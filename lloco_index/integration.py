@@ -83,8 +83,8 @@ async def run_locked(lock: threading.RLock, fn: Callable[..., T], *args, **kwarg
 async def aiter_locked(lock: threading.RLock, make_iter: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
     """Async iterator over a blocking iterator run in a worker thread (holding ``lock``), item by item."""
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    done, cancelled = object(), threading.Event()
+    queue: asyncio.Queue = asyncio.Queue()  # ("item", value) ... then ("end", exception or None)
+    cancelled = threading.Event()
 
     def produce() -> None:
         err = None
@@ -93,22 +93,22 @@ async def aiter_locked(lock: threading.RLock, make_iter: Callable[[], Iterator[T
                 for item in make_iter():
                     if cancelled.is_set():
                         break
-                    loop.call_soon_threadsafe(queue.put_nowait, item)
+                    loop.call_soon_threadsafe(queue.put_nowait, ("item", item))
         except BaseException as e:  # re-raised in the consumer
             err = e
-        loop.call_soon_threadsafe(queue.put_nowait, (done, err))
+        loop.call_soon_threadsafe(queue.put_nowait, ("end", err))
 
     worker = asyncio.ensure_future(asyncio.to_thread(produce))
     try:
         while True:
-            item = await queue.get()
-            if isinstance(item, tuple) and len(item) == 2 and item[0] is done:
-                if item[1] is not None:
-                    raise item[1]
+            kind, value = await queue.get()
+            if kind == "end":
+                if value is not None:
+                    raise value
                 return
-            yield item
+            yield value
     finally:
-        cancelled.set()
+        cancelled.set()  # a consumer that stops early ends the worker after its current step
         await worker
 
 

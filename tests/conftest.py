@@ -94,3 +94,25 @@ def rag_lloco(tmp_path_factory):
 def session_tiny_lloco(tiny_model_dir, tmp_path_factory):
     """One tiny LLoCO for tests that only read (e.g. the langchain-tests standard suite)."""
     return make_tiny_lloco(tiny_model_dir, tmp_path_factory.mktemp("tiny-store"))
+
+
+@pytest.fixture()
+def llm_calls():
+    """What each LlamaIndex LLM call reported as ``raw`` (the core Answer), via the framework's own
+    instrumentation: decoder positions, vectors and chunk keys."""
+    from llama_index.core.instrumentation import get_dispatcher
+    from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+    from llama_index.core.instrumentation.events.llm import LLMChatEndEvent, LLMCompletionEndEvent
+
+    raws: list[dict] = []
+
+    class LLMCalls(BaseEventHandler):
+        def handle(self, event, **kwargs) -> None:
+            if isinstance(event, (LLMCompletionEndEvent, LLMChatEndEvent)) and event.response.raw:
+                raws.append(event.response.raw)
+
+    handler = LLMCalls()
+    dispatcher = get_dispatcher()
+    dispatcher.add_event_handler(handler)
+    yield raws
+    dispatcher.event_handlers.remove(handler)

@@ -9,9 +9,6 @@ import pytest
 from llama_index.core import Document, VectorStoreIndex
 from llama_index.core.llms import ChatMessage
 from llama_index.core.ingestion import IngestionPipeline
-from llama_index.core.instrumentation import get_dispatcher
-from llama_index.core.instrumentation.event_handlers import BaseEventHandler
-from llama_index.core.instrumentation.events.llm import LLMChatEndEvent, LLMCompletionEndEvent
 from llama_index.core.node_parser import SentenceSplitter
 from llama_index.core.schema import MetadataMode, NodeRelationship, NodeWithScore, RelatedNodeInfo, TextNode
 from llama_index.embeddings.lloco import default_embed_model
@@ -22,29 +19,6 @@ from lloco_index.generation import PromptTooLongError
 
 TEXTS = ["Biscuit the cat sleeps in the lens workshop.", "The museum opened in 1921 on the harbour.",
          "Miriam Okafor restored the great lens."]
-
-
-class LLMCalls(BaseEventHandler):
-    """Collects what each LLM call reported (the core Answer as ``raw``): the framework's own tracing hook."""
-
-    raws: list = []
-
-    @classmethod
-    def class_name(cls) -> str:
-        return "LLMCalls"
-
-    def handle(self, event, **kwargs) -> None:
-        if isinstance(event, (LLMCompletionEndEvent, LLMChatEndEvent)) and event.response.raw:
-            self.raws.append(event.response.raw)
-
-
-@pytest.fixture()
-def llm_calls():
-    handler = LLMCalls(raws=[])
-    dispatcher = get_dispatcher()
-    dispatcher.add_event_handler(handler)
-    yield handler.raws
-    dispatcher.event_handlers.remove(handler)
 
 
 def fake_nodes() -> list[NodeWithScore]:
@@ -119,12 +93,12 @@ def test_document_with_sentinels_cannot_pull_other_chunks(tiny_lloco, llm_calls)
 
 def test_too_many_vectors_are_refused_not_truncated(tiny_lloco):
     long_text = " ".join(TEXTS * 200)
-    node = NodeWithScore(node=TextNode(id_="big", text=long_text), score=1.0)
-    nodes = LLoCOPostprocessor(lloco=tiny_lloco).postprocess_nodes([node])
     assert 4 * len(tiny_lloco.compressor.segments(long_text)) > 1024  # more vectors than the decoder window
-    llm = LLoCOLLM(lloco=tiny_lloco, max_new_tokens=2)
+    index = VectorStoreIndex([TextNode(id_="big", text=long_text)], embed_model=default_embed_model())
+    qe = index.as_query_engine(llm=LLoCOLLM(lloco=tiny_lloco, max_new_tokens=2),
+                               node_postprocessors=[LLoCOPostprocessor(lloco=tiny_lloco)])
     with pytest.raises(PromptTooLongError, match="decoder window is 1024"):
-        llm.complete(f"Context: {nodes[0].node.text}\nQuestion: why?")
+        qe.query("Why?")
 
 
 def test_llm_metadata_counts_decoder_positions(tiny_lloco):

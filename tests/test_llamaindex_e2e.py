@@ -16,8 +16,6 @@ from llama_index.embeddings.lloco import default_embed_model
 from llama_index.llms.lloco import LLoCOLLM
 from llama_index.postprocessor.lloco import LLoCOPostprocessor, restore_text
 
-from test_llamaindex_adapters import llm_calls  # noqa: F401  (fixture)
-
 SAMPLES = Path(__file__).parent.parent / "lloco_index" / "samples"
 QUESTION = "Who founded the lighthouse museum?"
 
