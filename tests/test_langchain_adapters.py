@@ -13,6 +13,7 @@ from langchain_tests.unit_tests import ChatModelUnitTests, EmbeddingsUnitTests
 from pydantic import ValidationError
 
 from langchain_lloco import ChatLLoCO, LLoCODocumentCompressor, LLoCOIngestor, LLoCOLLM, LocalEmbeddings
+from lloco_index.generation import PromptTooLongError
 
 TEXTS = ["Biscuit the cat sleeps in the lens workshop.", "The museum opened in 1921 on the harbour.",
          "Miriam Okafor restored the great lens."]
@@ -58,6 +59,14 @@ def test_ingestor_precompresses_so_queries_compress_nothing(tiny_lloco, monkeypa
 def test_unknown_settings_are_rejected(tiny_lloco):
     with pytest.raises(ValidationError, match="max_token_count"):
         LLoCOLLM(lloco=tiny_lloco, max_token_count=5)
+
+
+def test_too_long_is_refused_through_lcel(tiny_lloco):
+    """Prompt positions + max_tokens beyond the 1024-position window: a clear error, no truncation."""
+    chain = FixedRetriever(documents=docs()) | LLoCODocumentCompressor(lloco=tiny_lloco) \
+        | (lambda found: " ".join(d.page_content for d in found)) | LLoCOLLM(lloco=tiny_lloco, max_tokens=1020)
+    with pytest.raises(PromptTooLongError, match=r"\+ 1020 new tokens, but the decoder window is 1024"):
+        chain.invoke("who?")
 
 
 def test_llm_generate_is_batched_and_reports_positions(tiny_lloco, monkeypatch):
