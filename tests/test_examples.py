@@ -26,4 +26,18 @@ def test_example_ingests_queries_and_streams(name, rag_lloco, capsys):
     assert f"compressed chunks in {rag_lloco.store.path}" in out
     answer = next(line for line in out.splitlines() if line.startswith("answer: "))
     streamed = next(line for line in out.splitlines() if line.startswith("streamed: "))
-    assert len(answer) > len("answer: ") and streamed.removeprefix("streamed: ").strip() == answer.removeprefix("answer: ")
+    assert len(answer) > len("answer: ")
+    assert streamed.removeprefix("streamed: ").strip() == answer.removeprefix("answer: ")
+
+
+def test_components_built_from_names_share_one_lloco(rag_lloco):
+    """LLM, postprocessor and LangChain pieces built from the same store/device reuse the session model."""
+    from langchain_lloco import LLoCODocumentCompressor
+    from langchain_lloco import LLoCOLLM as LangChainLLM
+    from llama_index.llms.lloco import LLoCOLLM
+    from llama_index.postprocessor.lloco import LLoCOPostprocessor
+
+    store = str(rag_lloco.store.path)
+    built = [LLoCOLLM(store=store, device="cpu").lloco, LLoCOPostprocessor(store=store, device="cpu").lloco,
+             LangChainLLM(store=store, device="cpu").lloco, LLoCODocumentCompressor(store=store, device="cpu").lloco]
+    assert all(lloco is rag_lloco for lloco in built)

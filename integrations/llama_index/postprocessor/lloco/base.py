@@ -26,6 +26,7 @@ class _UsesLLoCO(BaseModel):
 
     model: str = Field(default=DEFAULT_MODEL, description="base model (name or folder) when no lloco= is given")
     store: Optional[str] = Field(default=None, description="compressed store folder when no lloco= is given")
+    device: Optional[str] = Field(default=None, description="cuda/cpu when no lloco= is given; None: auto")
     batch_size: int = Field(default=16, gt=0, description="chunks compressed per forward pass")
 
     _lloco: LLoCO = PrivateAttr()
@@ -36,7 +37,7 @@ class _UsesLLoCO(BaseModel):
             kwargs.setdefault("model", lloco.backbone.name_or_path)
             kwargs.setdefault("store", str(lloco.store.path))
         super().__init__(**kwargs)
-        self._lloco = lloco or shared_lloco(self.model, self.store)
+        self._lloco = lloco or shared_lloco(self.model, self.store, device=self.device)
 
     @property
     def lloco(self) -> LLoCO:
