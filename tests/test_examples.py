@@ -37,7 +37,7 @@ def test_components_built_from_names_share_one_lloco(rag_lloco):
     from llama_index.llms.lloco import LLoCOLLM
     from llama_index.postprocessor.lloco import LLoCOPostprocessor
 
-    store = str(rag_lloco.store.path)
+    store = rag_lloco.store.path  # a Path works as well as a str
     built = [LLoCOLLM(store=store, device="cpu").lloco, LLoCOPostprocessor(store=store, device="cpu").lloco,
              LangChainLLM(store=store, device="cpu").lloco, LLoCODocumentCompressor(store=store, device="cpu").lloco]
     assert all(lloco is rag_lloco for lloco in built)

@@ -25,6 +25,8 @@ class LLoCOBacked(BaseModel):
     def _build_lloco(cls, values: Any) -> Any:
         if not isinstance(values, dict):
             return values
+        if values.get("store") is not None:
+            values = {**values, "store": str(values["store"])}  # a Path is fine too
         lloco = values.get("lloco")
         if lloco is None:
             return {**values, "lloco": shared_lloco(values.get("model", DEFAULT_MODEL), values.get("store"),

@@ -48,6 +48,8 @@ class LLoCOLLM(CustomLLM):
         if lloco is not None:  # report what is really used
             kwargs.setdefault("model", lloco.backbone.name_or_path)
             kwargs.setdefault("store", str(lloco.store.path) if lloco.store else None)
+        if kwargs.get("store") is not None:
+            kwargs["store"] = str(kwargs["store"])  # a Path is fine too
         super().__init__(**kwargs)
         self._lloco = lloco or shared_lloco(self.model, self.store, self.adapter, self.device)
 

@@ -36,6 +36,8 @@ class _UsesLLoCO(BaseModel):
             require_store(lloco, type(self).__name__)
             kwargs.setdefault("model", lloco.backbone.name_or_path)
             kwargs.setdefault("store", str(lloco.store.path))
+        if kwargs.get("store") is not None:
+            kwargs["store"] = str(kwargs["store"])  # a Path is fine too
         super().__init__(**kwargs)
         self._lloco = lloco or shared_lloco(self.model, self.store, device=self.device)
 
