@@ -18,8 +18,11 @@ Piece = Union[str, torch.Tensor]
 _MARK = "\x00lloco{}\x00"  # placeholder that no tokenizer merges with neighbours and no user types
 
 
-class PromptTooLongError(ValueError):
-    """The assembled prompt does not fit the decoder's context window (never silently truncated)."""
+class PromptTooLongError(RuntimeError):
+    """The assembled prompt does not fit the decoder's context window (never silently truncated).
+
+    Not a ValueError: LlamaIndex's refine/compact synthesizers catch ValueError and return an empty
+    response, which would turn this refusal into a silent non-answer."""
 
 
 @dataclass

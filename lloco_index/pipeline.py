@@ -30,6 +30,7 @@ from .store import CompressedStore, KeyRef, StoreError, chunk_key
 
 logger = logging.getLogger(__name__)
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+Messages = Sequence[tuple[str, str]]  # chat (role, text) turns
 DEFAULT_ADAPTER = "default"
 
 
@@ -41,7 +42,9 @@ class Answer:
     context_vectors: int
     chunks: list[str] = field(default_factory=list)  # keys of the chunks used, in prompt order
     adapter: str | None = None
-    latency_s: float = 0.0
+    latency_s: float = 0.0  # of the whole decoder call (shared by the answers of one batch)
+    new_tokens: int = 0
+    finish_reason: str = ""  # "stop" (EOS or stop string) or "length"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -230,7 +233,7 @@ class LLoCO:
                 raise ValueError("no context text given")
             n_src = sum(len(self.backbone.tokenizer(d, add_special_tokens=False)["input_ids"]) for d in docs)
             pieces = self._pieces_for(question, self.compressor.compress(docs, accumulate=True))
-            return self._finish(pieces, [], config, adapter, source_tokens=n_src)
+            return self._finish_batch([pieces], [[]], config, adapter, [n_src])[0]
         texts = [c.text for ctx in contexts for c in self.chunk(ctx)]
         if not texts:
             raise ValueError("no context text given")
@@ -238,14 +241,37 @@ class LLoCO:
         best = {keys[i] for i, _ in BM25(texts).top_k(question, expand)} if expand else set()
         return self._answer_keys(question, keys, config, adapter, best)
 
-    def complete(self, prompt: str, config: GenerationConfig | None = None, adapter: str | None = None,
+    def complete(self, prompt: str | Messages, config: GenerationConfig | None = None, adapter: str | None = None,
                  stream: bool = False) -> Answer | Iterator[str]:
-        """Generate from a prompt whose ``<lloco:...>`` sentinels (from ``store.sentinel``) become vectors."""
-        user, keys = self.resolve(prompt)
-        pieces = self.generator.chat_pieces(user, system=self.system_prompt)
+        """Generate from a prompt whose ``<lloco:...>`` sentinels (from ``store.sentinel``) become vectors.
+
+        ``prompt`` is one user turn, or chat ``(role, text)`` messages rendered with the model's chat template
+        (``self.system_prompt`` is added when there is no system message).
+        """
+        pieces, keys = self._prompt_pieces(prompt)
         if stream:
             return self.generator.stream(pieces, config, self._adapter(adapter))
-        return self._finish(pieces, keys, config, adapter)
+        return self._finish_batch([pieces], [keys], config, adapter)[0]
+
+    def complete_batch(self, prompts: Sequence[str | Messages], config: GenerationConfig | None = None,
+                       adapter: str | None = None) -> list[Answer]:
+        """``complete`` for several prompts in one batched decoder pass."""
+        resolved = [self._prompt_pieces(p) for p in prompts]
+        return self._finish_batch([p for p, _ in resolved], [k for _, k in resolved], config, adapter)
+
+    def _prompt_pieces(self, prompt: str | Messages) -> tuple[list[Piece], list[str]]:
+        if isinstance(prompt, str):
+            user, keys = self.resolve(prompt)
+            return self.generator.chat_pieces(user, system=self.system_prompt), keys
+        msgs = [{"role": r, "content": t} for r, t in prompt]
+        if not any(m["role"] == "system" for m in msgs):
+            msgs.insert(0, {"role": "system", "content": self.system_prompt})
+        tok = self.backbone.tokenizer
+        if tok.chat_template:  # sentinels are plain text to the template and stay intact
+            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        else:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant: "
+        return self.resolve(text)
 
     def resolve(self, prompt: str) -> tuple[list[Piece], list[str]]:
         """Prompt string -> (pieces with verified sentinels replaced by vectors, their keys)."""
@@ -275,14 +301,17 @@ class LLoCO:
 
     def _answer_keys(self, question: str, keys: Sequence[str], config, adapter,
                      as_text: set[str] = frozenset()) -> Answer:
-        return self._finish(self._pieces(question, keys, as_text), keys, config, adapter)
+        return self._finish_batch([self._pieces(question, keys, as_text)], [keys], config, adapter)[0]
 
-    def _finish(self, pieces: list[Piece], keys: Sequence[str], config, adapter,
-                source_tokens: int | None = None) -> Answer:
+    def _finish_batch(self, pieces: list[list[Piece]], keys: list[Sequence[str]], config, adapter,
+                      source_tokens: list[int] | None = None) -> list[Answer]:
         t0 = time.perf_counter()
         name = self._adapter(adapter)
-        gen = self.generator.generate([pieces], config, [name])[0]
-        return Answer(answer=gen.text.strip(), prompt_tokens=gen.prompt_tokens,
-                      source_tokens=self._source_tokens(keys) if source_tokens is None else source_tokens,
-                      context_vectors=sum(p.shape[0] for p in pieces if isinstance(p, torch.Tensor)),
-                      chunks=list(keys), adapter=name, latency_s=time.perf_counter() - t0)
+        gens = self.generator.generate(pieces, config, [name] * len(pieces))
+        dt = time.perf_counter() - t0
+        if source_tokens is None:
+            source_tokens = [self._source_tokens(k) for k in keys]
+        return [Answer(answer=g.text.strip(), prompt_tokens=g.prompt_tokens, source_tokens=n,
+                       context_vectors=sum(x.shape[0] for x in p if isinstance(x, torch.Tensor)), chunks=list(k),
+                       adapter=name, latency_s=dt, new_tokens=g.new_tokens, finish_reason=g.finish_reason)
+                for p, k, g, n in zip(pieces, keys, gens, source_tokens)]

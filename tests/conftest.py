@@ -53,19 +53,24 @@ def tiny_backbone(tiny_model_dir):
     return Backbone.from_pretrained(str(tiny_model_dir), device="cpu")
 
 
-@pytest.fixture()
-def tiny_lloco(tiny_model_dir, tmp_path):
-    """A fresh LLoCO over the tiny model with its own store (segments of 32 tokens -> 4 vectors)."""
+def make_tiny_lloco(model_dir: Path, store_dir: Path):
+    """LLoCO over the tiny model with its own backbone and store (segments of 32 tokens -> 4 vectors)."""
     from lloco_index.backbone import Backbone
     from lloco_index.compressor import CompressorConfig, ContextCompressor
     from lloco_index.pipeline import LLoCO
     from lloco_index.store import CompressedStore
 
-    bb = Backbone.from_pretrained(str(tiny_model_dir), device="cpu")
-    comp = ContextCompressor.untrained(bb, CompressorConfig(base_model=str(tiny_model_dir), segment_tokens=32,
+    bb = Backbone.from_pretrained(str(model_dir), device="cpu")
+    comp = ContextCompressor.untrained(bb, CompressorConfig(base_model=str(model_dir), segment_tokens=32,
                                                             summary_tokens=4, hidden_size=bb.hidden_size))
-    store = CompressedStore(tmp_path / "store", fingerprint=comp.fingerprint(), create=True)
+    store = CompressedStore(store_dir, fingerprint=comp.fingerprint(), create=True)
     return LLoCO(bb, comp, store)
+
+
+@pytest.fixture()
+def tiny_lloco(tiny_model_dir, tmp_path):
+    """A fresh tiny LLoCO with its own store."""
+    return make_tiny_lloco(tiny_model_dir, tmp_path / "store")
 
 
 @pytest.fixture(scope="session")
@@ -74,3 +79,40 @@ def default_lloco():
     from lloco_index.pipeline import LLoCO
 
     return LLoCO.from_pretrained("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def rag_lloco(tmp_path_factory):
+    """The real default model with a store, built the way the adapters and examples build it (shared_lloco),
+    so an example run with the same --store/--device reuses this one object instead of loading again."""
+    from lloco_index.integration import shared_lloco
+
+    return shared_lloco("smollm2-135m", tmp_path_factory.mktemp("rag-store"), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def session_tiny_lloco(tiny_model_dir, tmp_path_factory):
+    """One tiny LLoCO for tests that only read (e.g. the langchain-tests standard suite)."""
+    return make_tiny_lloco(tiny_model_dir, tmp_path_factory.mktemp("tiny-store"))
+
+
+@pytest.fixture()
+def llm_calls():
+    """What each LlamaIndex LLM call reported as ``raw`` (the core Answer), via the framework's own
+    instrumentation: decoder positions, vectors and chunk keys."""
+    from llama_index.core.instrumentation import get_dispatcher
+    from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+    from llama_index.core.instrumentation.events.llm import LLMChatEndEvent, LLMCompletionEndEvent
+
+    raws: list[dict] = []
+
+    class LLMCalls(BaseEventHandler):
+        def handle(self, event, **kwargs) -> None:
+            if isinstance(event, (LLMCompletionEndEvent, LLMChatEndEvent)) and event.response.raw:
+                raws.append(event.response.raw)
+
+    handler = LLMCalls()
+    dispatcher = get_dispatcher()
+    dispatcher.add_event_handler(handler)
+    yield raws
+    dispatcher.event_handlers.remove(handler)
