@@ -291,6 +291,9 @@ def save_checkpoint(bb: Backbone, comp: ContextCompressor, out: Path, cfg: Train
     shutil.rmtree(out / "decoder_tmp", ignore_errors=True)
     for f in out.rglob("adapter_model.safetensors"):
         _halve(f)
+        cfg_file = f.with_name("adapter_config.json")  # name the base model portably, not by cache path
+        cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "base_model_name_or_path": cfg.base_model},
+                                       indent=2))
     meta = {"train_config": asdict(cfg), "compressor_fingerprint": comp.fingerprint(), **state}
     (out / "training_state.json").write_text(json.dumps(meta, indent=2))
 
