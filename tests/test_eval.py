@@ -260,6 +260,20 @@ def test_cli_make_dev_eval_and_table(tiny_model_dir, prose_dir, tmp_path, capsys
         "lloco eval: error: --top-k applies to the lloco and rag modes, not full"
 
 
+def test_cli_niah_writes_report_and_heatmap(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "niah" / "n.json"
+    assert main(["eval", "niah", "--haystack", str(SAMPLES), "--lengths", "150", "300", "--depths", "0", "100",
+                 "--model", str(tiny_model_dir), "--max-new-tokens", "3", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("lloco: accuracy ") and "over 4 of 4 cells that fit the 1024-position window" in lines[0]
+    report = json.loads(out.read_text())
+    assert report["haystack"] == [str(SAMPLES)] and report["seed"] == 0 and len(report["cells"]) == 8
+    assert (tmp_path / "niah" / "n.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["eval", "niah", "--haystack", str(SAMPLES), "--needle", "The code is 7.",
+                 "--model", str(tiny_model_dir)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("lloco eval: error: a custom needle needs")
+
+
 def test_default_model_window_is_8k_and_full_mode_does_not_fit_beyond(default_lloco):
     report = run_niah(default_lloco, load_haystack([SAMPLES]) * 20, lengths=[600, 9000], depths=[50], modes=["full"],
                       config=GenerationConfig(max_new_tokens=16))
