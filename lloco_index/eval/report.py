@@ -44,7 +44,7 @@ class EvalRun:
         self.partial = Path(str(out) + ".partial.jsonl") if out else None
         if self.partial and self.partial.is_file():
             lines = self.partial.read_text(encoding="utf-8").splitlines()
-            if not lines or json.loads(lines[0]).get("settings") != settings:
+            if not lines or not lines[0].startswith('{"settings": ') or json.loads(lines[0])["settings"] != settings:
                 raise ValueError(f"{self.partial} holds partial results of a run with other settings; "
                                  f"rerun with the same settings to resume, or delete it to start over")
             for line in lines[1:]:
