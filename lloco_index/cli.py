@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -89,7 +90,56 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="ingest the bundled sample and answer a few questions")
     p.add_argument("--store", default=None, help="default: a fresh temporary folder")
     _common(p)
+    _eval_parsers(sub.add_parser("eval", help="evaluate: QA in four modes, needle in a haystack, tables, dev set"))
     return parser
+
+
+def _eval_parsers(parser: argparse.ArgumentParser) -> None:
+    from dataclasses import fields
+
+    from .eval import MODES
+    from .eval.devset import DevSetConfig
+
+    sub = parser.add_subparsers(dest="eval_command", required=True)
+    p = sub.add_parser("qa", help="answer and score a QA JSONL file in one mode")
+    p.add_argument("file", metavar="FILE.jsonl")
+    p.add_argument("--mode", choices=MODES, default="lloco",
+                   help="lloco: compressed documents; full: all text (cut in the middle to fit); "
+                        "rag: top-k text chunks; none: question only")
+    p.add_argument("--limit", type=int, default=None, help="only the first N examples")
+    _eval_run(p, batch_size=8)
+    p = sub.add_parser("niah", help="needle in a haystack: length x depth grid, JSON + heatmap PNG")
+    p.add_argument("--haystack", nargs="+", required=True, metavar="DIR", help="folder(s) of .txt/.md haystack text")
+    p.add_argument("--lengths", type=int, nargs="+", default=None, help="tokens, needle included "
+                   "(default 1000 2000 4000 8000 16000)")
+    p.add_argument("--depths", type=float, nargs="+", default=None, help="percent (default 0 25 50 75 100)")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=["lloco", "full"])
+    p.add_argument("--needle", default=None, help="default: the San Francisco sandwich needle")
+    p.add_argument("--question", default=None)
+    p.add_argument("--expect", nargs="+", default=None, metavar="WORDS", help="phrases a right answer contains")
+    p.add_argument("--seed", type=int, default=0, help="shuffles the haystack files")
+    p.add_argument("--plot", default=None, help="heatmap PNG (default: next to --out)")
+    _eval_run(p, batch_size=4, out="niah.json")
+    p = sub.add_parser("table", help="reports side by side as a markdown table")
+    p.add_argument("reports", nargs="+", metavar="REPORT.json")
+    p.add_argument("--out", default=None, help="also write the table to this file")
+    p = sub.add_parser("make-dev", help="write a seeded synthetic multi-document QA dev set")
+    p.add_argument("--source", nargs="+", default=None, metavar="DIR",
+                   help="held-out text (default: the Node.js API docs, /usr/share/doc/nodejs/api)")
+    p.add_argument("--out", required=True, metavar="FILE.jsonl")
+    for f in fields(DevSetConfig):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                       help=f.metadata["help"] + f" (default {f.default})")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+
+
+def _eval_run(p: argparse.ArgumentParser, batch_size: int, out: str | None = None) -> None:
+    p.add_argument("--top-k", type=int, default=None, help="lloco/rag: chunks kept per question (BM25)")
+    p.add_argument("--batch-size", type=int, default=batch_size, help="questions generated together")
+    p.add_argument("--out", default=out, metavar="REPORT.json", help="report; rerun the same command to resume")
+    p.add_argument("--store", default=None, help="optional store caching compressed chunks across runs")
+    _common(p)
+    _gen(p)
 
 
 def _load(args, store: str | None):
@@ -240,12 +290,82 @@ def cmd_demo(args) -> None:
         print(json.dumps(summary))
 
 
+def cmd_eval(args) -> None:
+    {"qa": _eval_qa, "niah": _eval_niah, "table": _eval_table, "make-dev": _make_dev}[args.eval_command](args)
+
+
+def _eval_qa(args) -> None:
+    from .data import read_qa
+    from .eval import evaluate_qa
+    from .eval.report import pct
+
+    examples = read_qa(args.file)[:args.limit]
+    lloco = _load(args, args.store)
+    report = evaluate_qa(lloco, examples, mode=args.mode, top_k=args.top_k, config=_config(args),
+                         batch_size=args.batch_size, out=args.out, meta={"command": args.command_line},
+                         show_progress_bar=not args.json)
+    m = report["metrics"]
+    _emit(args, {k: v for k, v in report.items() if k != "predictions"} | {"out": args.out}, "\n".join([
+        f"{args.mode}: {m['examples']} examples ({m['open']} open, {m['multiple_choice']} multiple choice)",
+        f"EM {pct(m['exact_match'])}  F1 {pct(m['f1'])}  contains {pct(m['contains'])}  "
+        f"MC accuracy {pct(m['accuracy'])}",
+        f"mean prompt positions {m['mean_prompt_positions']}, source tokens {m['mean_source_tokens']}; "
+        f"truncated {m['truncated']}, does not fit {m['does_not_fit']}; {m['mean_latency_s']} s/question",
+        f"report: {args.out}" if args.out else "(no --out: per-example predictions not saved)"]))
+
+
+def _eval_niah(args) -> None:
+    from .eval import load_haystack, plot_niah, run_niah
+    from .eval.report import pct
+
+    corpus = load_haystack(args.haystack, seed=args.seed)
+    lloco = _load(args, args.store)
+    opts = {k: v for k, v in [("lengths", args.lengths), ("depths", args.depths), ("needle", args.needle),
+                              ("question", args.question), ("expect", args.expect)] if v is not None}
+    report = run_niah(lloco, corpus, modes=args.modes, top_k=args.top_k, config=_config(args),
+                      batch_size=args.batch_size, out=args.out, show_progress_bar=not args.json,
+                      meta={"command": args.command_line, "haystack": args.haystack, "seed": args.seed}, **opts)
+    plot = args.plot or str(Path(args.out).with_suffix(".png"))
+    plot_niah(report, plot)
+    lines = [f"{mode}: accuracy {pct(s['accuracy'])}% over {s['fit']} of {s['cells']} cells that fit the "
+             f"{report['window']}-position window; mean score {s['mean_score']}" for mode, s in report["summary"].items()]
+    _emit(args, {k: v for k, v in report.items() if k != "cells"} | {"out": args.out, "plot": plot},
+          "\n".join(lines + [f"report: {args.out}  heatmap: {plot}"]))
+
+
+def _eval_table(args) -> None:
+    from .eval.report import markdown_table, read_report
+
+    table = markdown_table([read_report(r) for r in args.reports], [Path(r).stem for r in args.reports])
+    if args.out:
+        Path(args.out).write_text(table, encoding="utf-8")
+    print(table, end="")
+
+
+def _make_dev(args) -> None:
+    from dataclasses import fields
+
+    from .data import write_qa
+    from .eval.devset import DEFAULT_SOURCE, DevSetConfig, make_dev_set
+
+    config = DevSetConfig(**{f.name: getattr(args, f.name) for f in fields(DevSetConfig)})
+    source = args.source or [str(DEFAULT_SOURCE)]
+    examples = make_dev_set(source, config)
+    write_qa(args.out, examples)
+    multi = sum("multihop" in ex.id for ex in examples)
+    choice = sum(ex.choices is not None for ex in examples)
+    _emit(args, {"out": args.out, "examples": len(examples), "multi_hop": multi, "multiple_choice": choice,
+                 "source": source}, f"wrote {len(examples)} questions ({multi} multi-hop, {choice} multiple choice) "
+          f"over {config.documents} documents each, filler from {', '.join(source)} -> {args.out}")
+
+
 COMMANDS = {"ingest": cmd_ingest, "ask": cmd_ask, "answer": cmd_answer, "info": cmd_info, "train": cmd_train,
-            "demo": cmd_demo, "convert-checkpoint": cmd_convert_checkpoint}
+            "eval": cmd_eval, "demo": cmd_demo, "convert-checkpoint": cmd_convert_checkpoint}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["lloco", *(sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(level=os.environ.get("LLOCO_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     try:
         COMMANDS[args.command](args)
