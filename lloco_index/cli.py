@@ -301,7 +301,7 @@ def _eval_qa(args) -> None:
 
     examples = read_qa(args.file)[:args.limit]
     lloco = _load(args, args.store)
-    report = evaluate_qa(lloco, examples, mode=args.mode, top_k=args.top_k, config=_config(args),
+    report = evaluate_qa(lloco, examples, mode=args.mode, top_k=args.top_k, config=_config(args), expand=args.expand,
                          batch_size=args.batch_size, out=args.out, meta={"command": args.command_line},
                          show_progress_bar=not args.json)
     m = report["metrics"]
@@ -322,7 +322,7 @@ def _eval_niah(args) -> None:
     lloco = _load(args, args.store)
     opts = {k: v for k, v in [("lengths", args.lengths), ("depths", args.depths), ("needle", args.needle),
                               ("question", args.question), ("expect", args.expect)] if v is not None}
-    report = run_niah(lloco, corpus, modes=args.modes, top_k=args.top_k, config=_config(args),
+    report = run_niah(lloco, corpus, modes=args.modes, top_k=args.top_k, config=_config(args), expand=args.expand,
                       batch_size=args.batch_size, out=args.out, show_progress_bar=not args.json,
                       meta={"command": args.command_line, "haystack": args.haystack, "seed": args.seed}, **opts)
     plot = args.plot or str(Path(args.out).with_suffix(".png"))

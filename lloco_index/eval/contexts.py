@@ -43,17 +43,21 @@ class PromptBuilder:
         top_k: chunks kept by BM25 over each example's own chunks; ``None`` in lloco mode = whole document.
         max_new_tokens: room left for the answer when checking the window.
         truncate: ``full`` mode only: cut the middle of the text to fit (QA) or report "does not fit" (needles).
+        expand: ``lloco`` mode only: the ``expand`` chunks most relevant to the question (BM25) go in
+            as text instead of vectors (``LLoCO.answer(expand=...)``).
     """
 
     def __init__(self, lloco: LLoCO, mode: Mode, top_k: int | None = None, max_new_tokens: int = 64,
-                 truncate: bool = True):
+                 truncate: bool = True, expand: int = 0):
+        if expand and mode != "lloco":
+            raise ValueError(f"--expand applies to the lloco mode, not {mode}")
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if top_k is not None and mode in ("full", "none"):
             raise ValueError(f"--top-k applies to the lloco and rag modes, not {mode}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"--top-k must be >= 1, got {top_k}")
-        self.lloco, self.mode, self.truncate = lloco, mode, truncate
+        self.lloco, self.mode, self.truncate, self.expand = lloco, mode, truncate, expand
         self.top_k = RAG_TOP_K if mode == "rag" and top_k is None else top_k
         self.limit = lloco.backbone.context_window - max_new_tokens
 
@@ -67,12 +71,13 @@ class PromptBuilder:
             return [self._full(q, docs, n) for (q, docs), n in zip(items, doc_tokens)]
         chunked = [[c for d in docs for c in self.lloco.chunk(d)] for _, docs in items]
         picked = [self._select(q, chunks) for (q, _), chunks in zip(items, chunked)]
-        if self.mode == "lloco":
-            texts = [chunks[i].text for chunks, idx in zip(chunked, picked) for i in idx]
-            vectors = iter(self.lloco.vectors(self.lloco.compress_texts(texts)) if texts else [])
+        as_text = [set(idx) if self.mode == "rag" else self._best(q, chunks, idx)
+                   for (q, _), chunks, idx in zip(items, chunked, picked)]
+        texts = [chunks[i].text for chunks, idx, t in zip(chunked, picked, as_text) for i in idx if i not in t]
+        vectors = iter(self.lloco.vectors(self.lloco.compress_texts(texts)) if texts else [])
         out = []
-        for (q, _), chunks, idx, n in zip(items, chunked, picked, doc_tokens):
-            ctx = [next(vectors) if self.mode == "lloco" else chunks[i].text for i in idx]
+        for (q, _), chunks, idx, t, n in zip(items, chunked, picked, as_text, doc_tokens):
+            ctx = [chunks[i].text if i in t else next(vectors) for i in idx]
             out.append(self._prompt(ctx, q, sum(chunks[i].n_tokens for i in idx), n, chunks=idx))
         return out
 
@@ -81,6 +86,13 @@ class PromptBuilder:
         if self.top_k is None or self.top_k >= len(chunks):
             return list(range(len(chunks)))
         return sorted(i for i, _ in BM25([c.text for c in chunks]).top_k(question, self.top_k))
+
+    def _best(self, question: str, chunks: list[Chunk], idx: list[int]) -> set[int]:
+        """The ``expand`` picked chunks that BM25 ranks highest for the question (given as text)."""
+        if not self.expand:
+            return set()
+        ranked = BM25([chunks[i].text for i in idx]).top_k(question, self.expand)
+        return {idx[j] for j, _ in ranked}
 
     def _prompt(self, contexts: list[Piece], question: str, source: int, documents: int, **kw) -> EvalPrompt:
         gen = self.lloco.generator

@@ -72,7 +72,7 @@ def run_niah(lloco: LLoCO, corpus: str, lengths: Sequence[int] = DEFAULT_LENGTHS
              needle: str = DEFAULT_NEEDLE, question: str = DEFAULT_QUESTION, expect: Sequence[str] | None = None,
              top_k: int | None = None, config: GenerationConfig | None = None, batch_size: int = 4,
              adapter: str | None = None, out: str | Path | None = None, meta: dict | None = None,
-             show_progress_bar: bool = False) -> dict:
+             show_progress_bar: bool = False, expand: int = 0) -> dict:
     """Ask ``question`` over every (mode, length, depth) haystack and score the answers.
 
     Args:
@@ -83,6 +83,7 @@ def run_niah(lloco: LLoCO, corpus: str, lengths: Sequence[int] = DEFAULT_LENGTHS
         needle, question, expect: the fact, the question about it, and the phrases a right answer
             contains (default: the San Francisco needle, "sandwich" and "Dolores Park").
         top_k: lloco/rag: answer from the top-k chunks (BM25) instead of the whole haystack.
+        expand: lloco: the K chunks most relevant to the question go in as text (selective re-expansion).
         config, batch_size, adapter, out, show_progress_bar: as in ``evaluate_qa``.
         meta: extra fields recorded in the report (e.g. the command line and haystack folder).
 
@@ -106,7 +107,8 @@ def run_niah(lloco: LLoCO, corpus: str, lengths: Sequence[int] = DEFAULT_LENGTHS
     for d in depths:
         hay.build(lengths[0], d, needle)
     settings = {"kind": "niah", "model": lloco.backbone.name_or_path, "adapter": adapter,
-                "compressor": lloco.compressor.fingerprint(), "top_k": top_k, "generation": asdict(config),
+                "compressor": lloco.compressor.fingerprint(), "top_k": top_k, "expand": expand,
+                "generation": asdict(config),
                 "needle": needle, "question": question, "expect": list(expect), "lengths": list(lengths),
                 "depths": list(depths), "modes": list(modes), "window": lloco.backbone.context_window,
                 "corpus_sha256": hashlib.sha256(corpus.encode()).hexdigest()[:16], "corpus_tokens": len(hay.offsets)}
@@ -115,7 +117,7 @@ def run_niah(lloco: LLoCO, corpus: str, lengths: Sequence[int] = DEFAULT_LENGTHS
     t0 = time.perf_counter()
     for mode in modes:
         builder = PromptBuilder(lloco, mode, top_k if mode in ("lloco", "rag") else None, config.max_new_tokens,
-                                truncate=False)
+                                truncate=False, expand=expand if mode == "lloco" else 0)
         todo = run.pending([(n, d) for n in lengths for d in depths], lambda c: _cell_id(mode, *c))
         for pairs in answer_batches(builder, todo, lambda c: (question, [hay.build(*c, needle)]), config, adapter,
                                     batch_size):

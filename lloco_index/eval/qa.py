@@ -19,7 +19,8 @@ from .report import EvalRun
 
 def evaluate_qa(lloco: LLoCO, examples: Iterable[QAExample], mode: Mode = "lloco", top_k: int | None = None,
                 config: GenerationConfig | None = None, batch_size: int = 8, adapter: str | None = None,
-                out: str | Path | None = None, meta: dict | None = None, show_progress_bar: bool = False) -> dict:
+                out: str | Path | None = None, meta: dict | None = None, show_progress_bar: bool = False,
+                expand: int = 0) -> dict:
     """Answer every example in ``mode`` and score it.
 
     Args:
@@ -34,6 +35,7 @@ def evaluate_qa(lloco: LLoCO, examples: Iterable[QAExample], mode: Mode = "lloco
         out: report path; items finished so far are kept beside it (``.partial.jsonl``) and a rerun resumes.
         meta: extra fields recorded in the report (e.g. the command line that made it).
         show_progress_bar: a tqdm bar over questions.
+        expand: lloco mode: the K most relevant chunks go in as text (selective re-expansion).
 
     Returns:
         The report: settings, ``metrics`` (exact_match, f1, contains, accuracy, mean_prompt_positions, ...)
@@ -56,9 +58,9 @@ def evaluate_qa(lloco: LLoCO, examples: Iterable[QAExample], mode: Mode = "lloco
             except ValueError as e:
                 raise ValueError(f"example {ex.id!r}: {e}") from None
     adapter = lloco.adapter if adapter is None else adapter
-    builder = PromptBuilder(lloco, mode, top_k, config.max_new_tokens, truncate=True)
+    builder = PromptBuilder(lloco, mode, top_k, config.max_new_tokens, truncate=True, expand=expand)
     data_hash = hashlib.sha256("\n".join(ex.to_json() for ex in examples).encode()).hexdigest()[:16]
-    settings = {"kind": "qa", "mode": mode, "top_k": builder.top_k, "model": lloco.backbone.name_or_path,
+    settings = {"kind": "qa", "mode": mode, "top_k": builder.top_k, "expand": expand, "model": lloco.backbone.name_or_path,
                 "adapter": adapter, "compressor": lloco.compressor.fingerprint(), "generation": asdict(config),
                 "dataset_sha256": data_hash}
     run = EvalRun(settings, ids, out, f"eval {mode}", show_progress_bar)
