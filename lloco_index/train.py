@@ -325,7 +325,7 @@ def evaluate(bb: Backbone, comp: ContextCompressor, sampler: TaskSampler, batche
 
             outs = gen.generate(prompts, GenerationConfig(max_new_tokens=24), DECODER_ADAPTER)
             gold = [bb.tokenizer.decode(e.answer).strip().lower() for e in exs]
-            res[f"qa{chunks}_em"] = sum(g in o.text.lower() for g, o in zip(gold, outs)) / n
+            res[f"{task}{chunks}_em"] = sum(g in o.text.lower() for g, o in zip(gold, outs)) / n
     bb.model.train()
     return res
 
