@@ -274,20 +274,23 @@ def cmd_demo(args) -> None:
           f"in {time.perf_counter() - t0:.1f}s; adapter: {lloco.adapter or 'none (base model)'}")
     results = []
     for q, expect in DEMO_QUESTIONS:
-        a = lloco.ask(q, top_k=3)
-        ok = expect.lower() in a.answer.lower()
-        results.append({"question": q, "expected": expect, "correct": ok, **a.to_dict()})
-        print(f"Q: {q}\nA: {a.answer}\n   expected {expect!r}: {'yes' if ok else 'no'}; "
-              f"{a.source_tokens} context tokens sent as {a.context_vectors} vectors "
-              f"({a.source_tokens / max(a.context_vectors, 1):.1f}x fewer), {a.latency_s:.2f}s")
-    src = sum(r["source_tokens"] for r in results)
-    vec = sum(r["context_vectors"] for r in results)
-    summary = {"correct": sum(r["correct"] for r in results), "questions": len(results),
-               "context_tokens": src, "context_vectors": vec, "tokens_saved": src - vec, "results": results}
-    print(f"{summary['correct']}/{len(results)} correct; context tokens {src} -> {vec} vectors "
-          f"({src - vec} decoder positions saved)")
+        print(f"Q: {q}   (expected: {expect})")
+        for expand, label in ((0, "LLoCO, all chunks as vectors"), (1, "LLoCO + best chunk as text (--expand 1)")):
+            a = lloco.ask(q, top_k=3, expand=expand)
+            ok = expect.lower() in a.answer.lower()
+            results.append({"question": q, "expected": expect, "expand": expand, "correct": ok, **a.to_dict()})
+            print(f"  {label}: {a.answer!r} [{'right' if ok else 'wrong'}; {a.prompt_tokens} decoder positions, "
+                  f"{a.context_vectors} of them vectors; {a.latency_s:.2f}s]")
+    for expand in (0, 1):
+        rs = [r for r in results if r["expand"] == expand]
+        pos = sum(r["prompt_tokens"] for r in rs)
+        print(f"expand={expand}: {sum(r['correct'] for r in rs)}/{len(rs)} right; {pos} decoder positions in all")
+    full = sum(r["source_tokens"] for r in results if r["expand"] == 0)
+    vec = sum(r["context_vectors"] for r in results if r["expand"] == 0)
+    print(f"all-vector mode: {full} context tokens sent as {vec} vectors ({full - vec} decoder positions saved, "
+          f"{full / max(vec, 1):.1f}x fewer)")
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps({"results": results, "context_tokens": full, "context_vectors": vec}))
 
 
 def cmd_eval(args) -> None:

@@ -5,8 +5,10 @@ set -o pipefail
 source scripts/device/setup.sh
 L="1000 2000 4000 8000 16000 32000 64000 128000"; D="0 25 50 75 100"
 run() { echo "+ lloco $*"; python3 -m lloco_index.cli "$@" 2>&1 | grep -v -E "Loading weights|it/s\]|clean_up" | tail -6; }
-run eval niah --haystack .devdata/paul_graham --lengths $L --depths $D --modes lloco full --out $OUT/niah.json --batch-size 8
-run eval niah --haystack .devdata/paul_graham --lengths $L --depths $D --modes lloco --expand 1 --out $OUT/niah_expand1.json --batch-size 8
+H="--haystack .devdata/paul_graham --lengths $L --depths $D --batch-size 8"
+run eval niah $H --modes lloco --out $OUT/niah_lloco.json
+run eval niah $H --modes lloco --expand 1 --out $OUT/niah_lloco_expand1.json
+run eval niah $H --modes full --adapter base --out $OUT/niah_full_base.json
 for m in lloco; do run eval qa .devdata/dev.jsonl --mode $m --out $OUT/qa_lloco.json --batch-size 16; done
 run eval qa .devdata/dev.jsonl --mode lloco --expand 1 --out $OUT/qa_lloco_expand1.json --batch-size 16
 for m in full rag none; do run eval qa .devdata/dev.jsonl --mode $m --adapter base --out $OUT/qa_${m}_base.json --batch-size 16; done
