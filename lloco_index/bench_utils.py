@@ -197,6 +197,9 @@ def summary_tables(report: dict) -> str:
                                          "prefill_x_roofline", "decode_x_roofline", "ms_per_token", "skipped"]))
             parts.append(markdown_table(res["latency"]["speedups"],
                                         ["source_tokens", "case", "engine", "speedup", "speedup_vs_eager_full"]))
+            agree = res["latency"]["engine_agreement"]
+            parts.append(f"fast vs eager greedy tokens: {agree['common_prefix_tokens']}/{agree['new_tokens']} identical "
+                         f"before the first difference; CUDA graph errors: {res['latency']['graph_errors'] or 'none'}")
         for section, cols in (("compress", ["segment", "summary", "batch", "source_tokens_per_s", "tflops", "mfu"]),
                               ("serve", ["mode", "questions", "adapters", "questions_per_s", "new_tokens_per_s"]),
                               ("finetune", ["case", "batch", "positions", "examples_per_s", "positions_per_s",

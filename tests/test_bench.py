@@ -33,6 +33,8 @@ def test_bench_tiny_runs_every_section(tmp_path, capsys):
     assert sorted((s["source_tokens"], s["engine"]) for s in res["latency"]["speedups"]) == [
         (256, "fast"), (256, "fast+lora"), (1024, "fast"), (1024, "fast+lora")]
     assert all(s["speedup"] > 0 and s["speedup_vs_eager_full"] > 0 for s in res["latency"]["speedups"])
+    assert res["latency"]["engine_agreement"]["tokens_equal"] is True  # fp32 on CPU: same greedy tokens
+    assert res["latency"]["graph_errors"] == []
     comp = res["compress"]["rows"][0]
     assert comp["batch"] == 2 and comp["source_tokens_per_s"] > 0 and 0 < comp["mfu"]
     assert full["prefill_x_roofline"] > 0 and full["decode_x_roofline"] > 0
