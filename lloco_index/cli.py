@@ -87,6 +87,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="new folder to write")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
 
+    p = sub.add_parser("bench", help="speed benchmark on one device: full vs compressed context (timing only)")
+    p.add_argument("--model-shape", default="7b",
+                   help="comma list: 7b (LLaMA-2-7B shape, random weights), default (smollm2-135m), tiny (random)")
+    p.add_argument("--sections", default="latency,compress,serve,finetune")
+    p.add_argument("--lengths", default="", help="source tokens, comma list (default: per shape)")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--serve-questions", type=int, default=32)
+    p.add_argument("--serve-source", type=int, default=32768, help="source tokens behind each served context")
+    p.add_argument("--finetune-source", type=int, default=32768)
+    p.add_argument("--compress-batches", default="", help="segments per encoder forward (default: per shape)")
+    p.add_argument("--budget-s", type=float, default=450.0, help="start no new measurement after this many seconds")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default="bench.json")
+    p.add_argument("--render", default=None, metavar="JSON", help="only print the tables of an earlier run's JSON")
+    p.set_defaults(json=False)
+
     p = sub.add_parser("demo", help="ingest the bundled sample and answer a few questions")
     p.add_argument("--store", default=None, help="default: a fresh temporary folder")
     _common(p)
@@ -362,8 +379,26 @@ def _make_dev(args) -> None:
           f"over {config.documents} documents each, filler from {', '.join(source)} -> {args.out}")
 
 
+def cmd_bench(args) -> None:
+    from .bench import BenchConfig, run_bench
+    from .bench_utils import summary_tables
+
+    if args.render:
+        print(summary_tables(json.loads(Path(args.render).read_text())))
+        return
+
+    def ints(text: str) -> tuple[int, ...]:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+
+    run_bench(BenchConfig(
+        shapes=tuple(args.model_shape.split(",")), sections=tuple(args.sections.split(",")), lengths=ints(args.lengths),
+        new_tokens=args.new_tokens, reps=args.reps, serve_questions=args.serve_questions,
+        serve_source=args.serve_source, finetune_source=args.finetune_source,
+        compress_batches=ints(args.compress_batches), budget_s=args.budget_s, device=args.device, out=args.out))
+
+
 COMMANDS = {"ingest": cmd_ingest, "ask": cmd_ask, "answer": cmd_answer, "info": cmd_info, "train": cmd_train,
-            "eval": cmd_eval, "demo": cmd_demo, "convert-checkpoint": cmd_convert_checkpoint}
+            "eval": cmd_eval, "demo": cmd_demo, "convert-checkpoint": cmd_convert_checkpoint, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

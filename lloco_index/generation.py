@@ -7,6 +7,7 @@ left-padded; each row may use a different LoRA adapter (PEFT mixed-batch forward
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence, Union
 
@@ -50,10 +51,21 @@ class Generation:
 
 
 class Generator:
-    """Decoder side of LLoCO over a shared ``Backbone``."""
+    """Decoder side of LLoCO over a shared ``Backbone``.
 
-    def __init__(self, backbone: Backbone):
+    ``fast`` selects the static-cache decoder of ``fast_decode`` (CUDA graphs on a GPU); default: on
+    for CUDA unless ``LLOCO_FAST_DECODE=0``. Greedy output is the same token for token.
+    """
+
+    def __init__(self, backbone: Backbone, fast: bool | None = None):
         self.backbone = backbone
+        if fast is None:
+            fast = backbone.device.type == "cuda" and os.environ.get("LLOCO_FAST_DECODE", "1") != "0"
+        self.fast = None
+        if fast:
+            from .fast_decode import FastDecoder
+
+            self.fast = FastDecoder(backbone)
         tok = backbone.tokenizer
         eos = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
         gen_eos = getattr(getattr(backbone.model, "generation_config", None), "eos_token_id", None)
@@ -123,7 +135,7 @@ class Generator:
         tok = self.backbone.tokenizer
         sent = ""
         with torch.inference_mode():
-            for ids, _, reasons in self._decode([pieces], config, [adapter]):
+            for ids, _, reasons in self._decode([pieces], config, [adapter], sync_every=1):
                 text, stopped = _apply_stop(tok.decode(ids[0], skip_special_tokens=True), config.stop)
                 if not stopped:  # hold back a possible partial stop string or partial UTF-8 char
                     text = _hold_back(text, config.stop)
@@ -133,7 +145,7 @@ class Generator:
                 if stopped or reasons[0]:
                     break
 
-    def _decode(self, prompts, config: GenerationConfig, adapters):
+    def _decode(self, prompts, config: GenerationConfig, adapters, sync_every: int | None = None):
         """Core loop: yields ``(generated ids per row, prompt positions per row, finish reasons)``."""
         bb = self.backbone
         if adapters is None or isinstance(adapters, str):
@@ -154,35 +166,53 @@ class Generator:
         for i, e in enumerate(embeds):
             x[i, width - e.shape[0]:] = e
             mask[i, width - e.shape[0]:] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
         rng = torch.Generator(device=bb.device).manual_seed(config.seed)
+
+        def sample(logits: torch.Tensor) -> torch.Tensor:
+            return _sample(logits, config, rng)
+
+        if self.fast is not None:
+            steps = self.fast.decode(x, mask, list(adapters), config.max_new_tokens, sample,
+                                     greedy=config.temperature == 0, sync_every=sync_every)
+        else:
+            steps = self._eager_steps(x, mask, list(adapters), sample)
         tok = bb.tokenizer
-        out = bb.forward_mixed(list(adapters), inputs_embeds=x, attention_mask=mask, position_ids=pos,
-                               use_cache=True, logits_to_keep=1)
         ids: list[list[int]] = [[] for _ in range(b)]
         reasons: list[str | None] = [None] * b
+        try:
+            for step, nxt in enumerate(steps):
+                for i in range(b):
+                    if reasons[i]:
+                        continue
+                    t = nxt[i]
+                    if t in self.eos_ids:
+                        reasons[i] = "stop"
+                        continue
+                    ids[i].append(t)
+                    if config.stop and _apply_stop(tok.decode(ids[i][-16:], skip_special_tokens=True), config.stop)[1]:
+                        reasons[i] = "stop"
+                    elif step == config.max_new_tokens - 1:
+                        reasons[i] = "length"
+                yield ids, lengths, reasons
+                if all(reasons):
+                    return
+        finally:
+            steps.close()
+
+    def _eager_steps(self, x: torch.Tensor, mask: torch.Tensor, adapters: list[str | None], sample) -> Iterator[list[int]]:
+        """Next token of every row, step after step (DynamicCache; PEFT mixed-adapter batches)."""
+        bb = self.backbone
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = bb.forward_mixed(adapters, inputs_embeds=x, attention_mask=mask, position_ids=pos,
+                               use_cache=True, logits_to_keep=1)
         pos = pos[:, -1:]
-        for step in range(config.max_new_tokens):
-            nxt = _sample(out.logits[:, -1].float(), config, rng)
-            for i in range(b):
-                if reasons[i]:
-                    continue
-                t = int(nxt[i])
-                if t in self.eos_ids:
-                    reasons[i] = "stop"
-                    continue
-                ids[i].append(t)
-                if config.stop and _apply_stop(tok.decode(ids[i][-16:], skip_special_tokens=True), config.stop)[1]:
-                    reasons[i] = "stop"
-                elif step == config.max_new_tokens - 1:
-                    reasons[i] = "length"
-            yield ids, lengths, reasons
-            if all(reasons):
-                return
+        while True:
+            nxt = sample(out.logits[:, -1].float())
+            yield nxt.tolist()
             # finished rows keep decoding in lockstep; their extra tokens are ignored
-            mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             pos = pos + 1
-            out = bb.forward_mixed(list(adapters), input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
+            out = bb.forward_mixed(adapters, input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
                                    past_key_values=out.past_key_values, use_cache=True)
 
 

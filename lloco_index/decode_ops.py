@@ -1,0 +1,115 @@
+"""Operations the fast decoder swaps into the model for its own passes.
+
+``decode_attention``: one query token against a whole static cache (SDPA, or split-K matmuls that
+spread a long cache over many thread blocks); ``autotune_split`` picks between them by timing on
+the device. ``patched``: routes attention through it and runs RMSNorm as one ``F.rms_norm`` call.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from functools import partial
+from typing import Iterator, Sequence
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_utils import AttentionInterface
+
+from .backbone import Backbone
+
+logger = logging.getLogger(__name__)
+
+
+def decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                     split: int = 0, **kwargs):
+    """One query token against a whole static cache with a boolean ``[b, 1, 1, L]`` mask.
+
+    ``split=0`` is SDPA. ``split=n`` is plain matmuls (HF eager-attention precision: bf16 scores,
+    fp32 softmax) with the value product split ``n`` ways along the cache, so a 32k-token cache is
+    read by many thread blocks rather than one per head; query heads sharing a KV head (GQA) ride
+    along as extra rows instead of repeating the cache.
+    """
+    b, h, q, d = query.shape
+    hk, length = key.shape[1], key.shape[2]
+    if split <= 0 or q != 1 or length % split or attention_mask is None or attention_mask.dtype != torch.bool:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    g = h // hk
+    scale = d ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query.reshape(b, hk, g, d) * scale, key.transpose(2, 3)).float()
+    scores = scores.masked_fill(~attention_mask.view(b, 1, 1, length), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(value.dtype).view(b, hk, g, split, length // split).transpose(2, 3)
+    out = torch.matmul(probs, value.view(b, hk, split, length // split, d)).sum(2, dtype=torch.float32)
+    return out.to(query.dtype).reshape(b, h, 1, d).transpose(1, 2).contiguous(), None
+
+
+@contextmanager
+def patched(bb: Backbone, split: int | None, norms: list) -> Iterator[None]:
+    """Under the backbone lock: route attention through ``decode_attention`` with ``split`` (None: leave
+    it) and run ``norms`` (RMSNorm modules) as ``F.rms_norm``; everything is restored afterwards."""
+    config = bb.model.config
+    with bb.lock:
+        previous = config._attn_implementation
+        if split is not None:
+            name = f"lloco_decode_{split}"
+            if name not in AttentionInterface._global_mapping:
+                AttentionInterface.register(name, lambda *a, **k: decode_attention(*a, split=split, **k))
+            config._attn_implementation = name
+        for m in norms:
+            m.forward = partial(_rms_norm, m)
+        try:
+            yield
+        finally:
+            config._attn_implementation = previous
+            for m in norms:
+                m.__dict__.pop("forward", None)
+
+
+def _rms_norm(module, hidden: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.rms_norm(hidden, (hidden.shape[-1],), module.weight.to(hidden.dtype),
+                                        module.variance_epsilon)
+
+
+def rms_norms(model) -> list:
+    return [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")
+            and hasattr(m, "variance_epsilon") and getattr(m, "weight", None) is not None]
+
+
+def text_config(model):
+    cfg = model.config
+    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+
+
+def autotune_split(bb: Backbone, batch: int, length: int, candidates: Sequence[int] = (0, 8, 16, 32, 64)) -> int:
+    """Time SDPA against the split-K matmul decode attention on one layer's shapes; keep the faster."""
+    cfg = text_config(bb.model)
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    module = next(m for m in bb.model.modules() if hasattr(m, "num_key_value_groups"))
+    dev, dt = bb.device, bb.dtype
+    with torch.inference_mode():
+        q = torch.randn(batch, heads, 1, head_dim, device=dev, dtype=dt)
+        k = torch.randn(batch, kv_heads, length, head_dim, device=dev, dtype=dt)
+        v = torch.randn_like(k)
+        mask = torch.ones(batch, 1, 1, length, dtype=torch.bool, device=dev)
+        best, best_t = 0, float("inf")
+        for s in (c for c in candidates if length % max(c, 1) == 0):
+            try:
+                for _ in range(3):
+                    decode_attention(module, q, k, v, mask, split=s)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(10):
+                    decode_attention(module, q, k, v, mask, split=s)
+                end.record()
+                end.synchronize()
+                t = start.elapsed_time(end)
+            except RuntimeError as e:
+                logger.warning("decode attention split=%d failed: %s", s, e)
+                continue
+            if t < best_t:
+                best, best_t = s, t
+    logger.info("decode attention for batch %d, cache %d: split=%d (%.3f ms)", batch, length, best, best_t / 10)
+    return best
