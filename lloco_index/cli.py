@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True)
     _common(p)
 
+    p = sub.add_parser("verify", help="check every entry of a store; exit code 1 if something is wrong")
+    p.add_argument("--store", required=True)
+    p.add_argument("--repair", action="store_true",
+                   help="drop bad entries (the next ingest recompresses them) and remove leftover files")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+
     p = sub.add_parser("demo", help="ingest the bundled sample and answer a few questions")
     p.add_argument("--store", default=None, help="default: a fresh temporary folder")
     _common(p)
@@ -135,6 +141,24 @@ def cmd_info(args) -> None:
         f"fingerprint:      {stats['fingerprint']}"]))
 
 
+def cmd_verify(args) -> int:
+    from .store import CompressedStore
+
+    report = CompressedStore(args.store).verify(repair=args.repair)
+    lines = [f"store {report.store}: {report.entries} entries in {report.shards} shards checked, "
+             f"{len(report.problems)} problems"]
+    lines += [f"  {p.kind}: {p.detail}" + (f" (chunk {p.key})" if p.key else "") + (" [fixed]" if p.fixed else "")
+              for p in report.problems]
+    if report.repaired:
+        lines.append(f"repaired: dropped {len(report.dropped)} entries (re-run `lloco ingest` to recompress them), "
+                     f"removed {len(report.removed)} leftover files")
+    elif report.leftovers:
+        lines.append(f"{len(report.leftovers)} leftover files of interrupted writes (never served; --repair removes them)")
+    lines.append("OK" if report.ok else "PROBLEMS FOUND" + ("" if report.repaired else "; run with --repair"))
+    _emit(args, report.to_dict(), "\n".join(lines))
+    return 0 if report.ok else 1
+
+
 def cmd_demo(args) -> None:
     import tempfile
     import time
@@ -163,14 +187,15 @@ def cmd_demo(args) -> None:
         print(json.dumps(summary))
 
 
-COMMANDS = {"ingest": cmd_ingest, "ask": cmd_ask, "answer": cmd_answer, "info": cmd_info, "demo": cmd_demo}
+COMMANDS = {"ingest": cmd_ingest, "ask": cmd_ask, "answer": cmd_answer, "info": cmd_info, "verify": cmd_verify,
+            "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("LLOCO_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     try:
-        COMMANDS[args.command](args)
+        return COMMANDS[args.command](args) or 0
     except KeyboardInterrupt:
         print("interrupted; the store keeps every chunk written so far", file=sys.stderr)
         return 130
@@ -181,7 +206,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"lloco {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":
