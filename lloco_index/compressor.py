@@ -15,9 +15,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .backbone import Backbone
+from .generation import check_cancelled
 
 ENCODER_ADAPTER = "lloco_encoder"
 CONFIG_NAME = "compressor_config.json"
@@ -93,7 +95,11 @@ class ContextCompressor:
         if config.hidden_size != backbone.hidden_size:
             raise ValueError(f"{path}: compressor was trained for hidden size {config.hidden_size}, "
                              f"base model {backbone.name_or_path!r} has {backbone.hidden_size}")
-        summary = load_file(str(path / SUMMARY_NAME))["summary_embeddings"]
+        try:
+            summary = load_file(str(path / SUMMARY_NAME))["summary_embeddings"]
+        except (OSError, SafetensorError, KeyError) as e:
+            raise ValueError(f"{path}: {SUMMARY_NAME} is missing or unreadable ({e}); "
+                             "compressor weights are read from safetensors only") from None
         if config.has_encoder_adapter:
             backbone.load_adapter(path / "encoder", ENCODER_ADAPTER)
         return cls(backbone, config, summary)
@@ -183,6 +189,7 @@ class ContextCompressor:
         from tqdm.auto import tqdm
 
         for b in tqdm(range(0, len(order), batch_size), disable=not show_progress_bar, desc="compress"):
+            check_cancelled()
             idx = order[b:b + batch_size]
             vecs = self.encode_segments([segs[j] for j in idx]).to("cpu", dtype)
             for j, v in zip(idx, vecs):

@@ -7,6 +7,9 @@ left-padded; each row may use a different LoRA adapter (PEFT mixed-batch forward
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence, Union
 
@@ -20,6 +23,30 @@ _MARK = "\x00lloco{}\x00"  # placeholder that no tokenizer merges with neighbour
 
 class PromptTooLongError(ValueError):
     """The assembled prompt does not fit the decoder's context window (never silently truncated)."""
+
+
+class RequestCancelled(Exception):
+    """The caller cancelled the request (``cancel_scope``); work stopped at the next token or batch."""
+
+
+_CANCEL: ContextVar[threading.Event | None] = ContextVar("lloco_cancel", default=None)
+
+
+@contextmanager
+def cancel_scope(event: threading.Event) -> Iterator[None]:
+    """Within this block (in this thread), setting ``event`` stops generation and compression early
+    with ``RequestCancelled``, freeing the KV cache, instead of running to ``max_new_tokens``."""
+    token = _CANCEL.set(event)
+    try:
+        yield
+    finally:
+        _CANCEL.reset(token)
+
+
+def check_cancelled() -> None:
+    event = _CANCEL.get()
+    if event is not None and event.is_set():
+        raise RequestCancelled("request cancelled")
 
 
 @dataclass
@@ -160,6 +187,7 @@ class Generator:
         reasons: list[str | None] = [None] * b
         pos = pos[:, -1:]
         for step in range(config.max_new_tokens):
+            check_cancelled()
             nxt = _sample(out.logits[:, -1].float(), config, rng)
             for i in range(b):
                 if reasons[i]:

@@ -160,8 +160,12 @@ def load_base_model(name_or_path: str = DEFAULT_MODEL, device: torch.device | st
     if os.path.sep in name_or_path or name_or_path.startswith("."):
         if not Path(path).exists():
             raise FileNotFoundError(f"model folder not found: {path}")
+    if Path(path).is_dir() and not any(Path(path).glob("*.safetensors")):
+        raise ValueError(f"{path}: no *.safetensors weights; pickled weights (*.bin, *.pt) are refused, "
+                         "convert them to safetensors first")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    # safetensors only: a pickled checkpoint can run code when loaded
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

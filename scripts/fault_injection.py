@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""Kill `lloco ingest` with SIGKILL at random moments, then check the store and resume.
+
+For each kill: start `lloco ingest` in a subprocess, SIGKILL it after a random delay (uniform over
+one clean run's duration, so kills land in start-up, chunking, compression, shard writes and
+commits), then open the store and verify every entry (checksums, shapes, dtypes, keys, index vs
+files). A store that does not open or has any problem fails the run. Every ``--kills-per-store``
+kills (or when a run finishes before its kill) the store is resumed with a plain `lloco ingest` and
+compared with a clean run: same keys, texts, sources, shapes and dtypes; vectors equal (bit for bit
+or, when batches were composed differently after a resume, within ``--atol``).
+
+    python scripts/fault_injection.py --kills 20              # real default model (SmolLM2-135M)
+    python scripts/fault_injection.py --model DIR --kills 2   # any local model folder (tests use a tiny one)
+
+Prints a human summary and, with ``--json``, one JSON object as the last line. Exit code 1 on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SAMPLES = Path(__file__).resolve().parent.parent / "lloco_index" / "samples"
+
+
+def make_corpus(folder: Path, docs: int, sentences: int, seed: int) -> None:
+    """Deterministic documents made of shuffled sample sentences (distinct texts, many chunks)."""
+    pool = [s.strip() + "." for p in sorted(SAMPLES.glob("*.txt")) for s in p.read_text().split(".") if s.strip()]
+    folder.mkdir(parents=True, exist_ok=True)
+    for d in range(docs):
+        rng = random.Random(seed * 1000 + d)
+        paras = [" ".join(rng.choice(pool) for _ in range(6)) for _ in range(sentences // 6)]
+        (folder / f"doc{d:02d}.txt").write_text(f"Document {d}.\n\n" + "\n\n".join(paras) + "\n")
+
+
+def ingest_cmd(args, corpus: Path, store: Path) -> list[str]:
+    return [sys.executable, "-m", "lloco_index.cli", "ingest", str(corpus), "--store", str(store), "--model",
+            args.model, "--device", "cpu", "--batch-size", str(args.batch_size), "--json"]
+
+
+def run_ingest(args, corpus: Path, store: Path, kill_after: float | None = None) -> tuple[bool, float]:
+    """Run one ingest; SIGKILL it after ``kill_after`` s. Returns (finished on its own, seconds)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(ingest_cmd(args, corpus, store), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        proc.wait(timeout=kill_after)
+        finished = True
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        finished = False
+    out, err = proc.communicate()
+    if finished and proc.returncode != 0:
+        raise RuntimeError(f"ingest failed ({proc.returncode}): {err.decode()[-2000:]}")
+    return finished, time.perf_counter() - t0
+
+
+def snapshot(store_dir: Path) -> dict:
+    """Everything a store holds, by key: index row, vectors, plus the sources table."""
+    from lloco_index.store import CompressedStore
+
+    store = CompressedStore(store_dir)
+    db = store._db()
+    rows = {r[0]: r[1:] for r in db.execute("SELECT key, n_vectors, hidden, dtype, source_tokens, text FROM chunks")}
+    sources = sorted(db.execute("SELECT doc, position, key FROM sources").fetchall())
+    vectors = dict(zip(rows, store.get_many(list(rows)))) if rows else {}
+    store.close()
+    return {"rows": rows, "sources": sources, "vectors": vectors}
+
+
+def compare(clean: dict, other: dict, atol: float) -> dict:
+    same_rows = clean["rows"] == other["rows"]
+    same_sources = clean["sources"] == other["sources"]
+    identical, max_diff = 0, 0.0
+    for k, v in clean["vectors"].items():
+        w = other["vectors"].get(k)
+        if w is None:
+            max_diff = float("inf")
+            continue
+        diff = (v.float() - w.float()).abs().max().item()
+        identical += diff == 0
+        max_diff = max(max_diff, diff)
+    ok = same_rows and same_sources and max_diff <= atol
+    return {"ok": ok, "entries": len(other["rows"]), "same_keys_texts_shapes": same_rows,
+            "same_sources": same_sources, "bit_identical": identical, "max_abs_diff": max_diff}
+
+
+def check(store_dir: Path) -> dict:
+    """Open + verify after a kill; a missing index means the kill came before the store was created."""
+    from lloco_index.store import CompressedStore
+
+    if not (store_dir / "index.sqlite").is_file():
+        return {"opened": False, "entries": 0, "problems": [], "leftovers": []}
+    store = CompressedStore(store_dir)
+    report = store.verify()
+    store.close()
+    return {"opened": True, "entries": report.entries, "problems": [p.detail for p in report.problems],
+            "leftovers": report.leftovers}
+
+
+def resume_and_compare(args, corpus: Path, store: Path, clean: dict, failures: list[str]) -> dict:
+    """Finish the interrupted store with a plain ingest, compare it with the clean run, then repair leftovers."""
+    from lloco_index.store import CompressedStore
+
+    run_ingest(args, corpus, store)
+    result = compare(clean, snapshot(store), args.atol)
+    st = CompressedStore(store)
+    repaired = st.verify(repair=True)
+    after = st.verify()
+    st.close()
+    result.update(leftovers_removed=len(repaired.removed), dropped=len(repaired.dropped),
+                  final_ok=after.ok and not after.leftovers)
+    result["ok"] = result["ok"] and result["final_ok"] and not repaired.dropped
+    if not result["ok"]:
+        failures.append(f"resume of {store.name}: {result}")
+    print(f"resumed {store.name}: {result['entries']} entries, same as clean run: {result['ok']} "
+          f"({result['bit_identical']} bit-identical, max |diff| {result['max_abs_diff']:.2g}), "
+          f"{result['leftovers_removed']} leftover files removed")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--kills", type=int, default=20)
+    ap.add_argument("--kills-per-store", type=int, default=5, help="resume and compare after this many kills")
+    ap.add_argument("--docs", type=int, default=6)
+    ap.add_argument("--sentences", type=int, default=120, help="sentences per document")
+    ap.add_argument("--batch-size", type=int, default=1, help="ingest batch size (a shard every 8 batches)")
+    ap.add_argument("--atol", type=float, default=1e-2, help="max |difference| of vectors vs the clean run")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", default=None, help="default: a temporary folder, removed at the end")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    rng = random.Random(args.seed)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="lloco-faults-"))
+    corpus = work / "corpus"
+    make_corpus(corpus, args.docs, args.sentences, args.seed)
+
+    _, t_clean = run_ingest(args, corpus, work / "clean")
+    clean = snapshot(work / "clean")
+    print(f"clean run: {len(clean['rows'])} entries in {t_clean:.1f}s")
+
+    kills, rounds, failures = [], [], []
+    store, since_resume = work / "faulty-0", 0
+    for i in range(args.kills):
+        delay = rng.uniform(0.2, t_clean)
+        finished, _ = run_ingest(args, corpus, store, kill_after=delay)
+        state = check(store)
+        kills.append({"delay_s": round(delay, 2), "finished_first": finished, **state})
+        if state["problems"]:
+            failures.append(f"kill {i}: {state['problems'][:3]}")
+        print(f"kill {i + 1}/{args.kills} after {delay:.1f}s: {'finished first; ' if finished else ''}"
+              f"{state['entries']} entries, {len(state['problems'])} problems, {len(state['leftovers'])} leftovers")
+        since_resume += 1
+        if finished or since_resume == args.kills_per_store or i == args.kills - 1:
+            rounds.append(resume_and_compare(args, corpus, store, clean, failures))
+            store, since_resume = work / f"faulty-{len(rounds)}", 0
+
+    summary = {"model": args.model, "kills": len(kills), "clean_entries": len(clean["rows"]),
+               "clean_seconds": round(t_clean, 1), "entries_checked_after_kills": sum(k["entries"] for k in kills),
+               "kills_with_problems": sum(bool(k["problems"]) for k in kills),
+               "kills_with_leftovers": sum(bool(k["leftovers"]) for k in kills),
+               "resumed_stores": len(rounds), "rounds": rounds, "kill_log": kills, "failures": failures,
+               "ok": not failures}
+    print(f"{len(kills)} kills, {summary['entries_checked_after_kills']} entries verified after kills, "
+          f"{summary['kills_with_problems']} with problems, {summary['kills_with_leftovers']} with leftover files; "
+          f"{len(rounds)} stores resumed, all equal to the clean run: {all(r['ok'] for r in rounds)}")
+    if args.json:
+        print(json.dumps(summary))
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if summary["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
