@@ -145,8 +145,9 @@ def cmd_verify(args) -> int:
     from .store import CompressedStore
 
     report = CompressedStore(args.store).verify(repair=args.repair)
+    n = len(report.problems)
     lines = [f"store {report.store}: {report.entries} entries in {report.shards} shards checked, "
-             f"{len(report.problems)} problems"]
+             f"{n} problem{'' if n == 1 else 's'}"]
     lines += [f"  {p.kind}: {p.detail}" + (f" (chunk {p.key})" if p.key else "") + (" [fixed]" if p.fixed else "")
               for p in report.problems]
     if report.repaired:

@@ -40,6 +40,9 @@ class CompressorConfig:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        for name in ("segment_tokens", "summary_tokens", "hidden_size"):
+            if type(getattr(self, name)) is not int:
+                raise ValueError(f"compressor config: {name} must be an integer, got {getattr(self, name)!r}")
         if self.segment_tokens < 1 or self.summary_tokens < 1:
             raise ValueError("segment_tokens and summary_tokens must be >= 1")
         if self.store_dtype not in ("float16", "bfloat16", "float32"):

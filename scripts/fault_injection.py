@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Kill `lloco ingest` with SIGKILL at random moments, then check the store and resume.
 
-For each kill: start `lloco ingest` in a subprocess, SIGKILL it after a random delay (uniform over
-one clean run's duration, so kills land in start-up, chunking, compression, shard writes and
-commits), then open the store and verify every entry (checksums, shapes, dtypes, keys, index vs
-files). A store that does not open or has any problem fails the run. Every ``--kills-per-store``
-kills (or when a run finishes before its kill) the store is resumed with a plain `lloco ingest` and
-compared with a clean run: same keys, texts, sources, shapes and dtypes; vectors equal (bit for bit
-or, when batches were composed differently after a resume, within ``--atol``).
+Kills alternate between two kinds. "time": after a random delay, uniform over the fastest run seen
+so far, so kills land in start-up, chunking, compression, shard writes and commits. "write": the
+moment a shard write starts (a ``*.tmp`` file appears in ``shards/``), plus 0-20 ms, so kills land
+inside the temp-file write, the fsync, the rename and the commit, where a crash would hurt most.
+After each kill the store is opened and every entry verified (checksums, shapes, dtypes, keys,
+index vs files): a store that does not open or has any problem fails the run. Every
+``--kills-per-store`` kills (or when a run finishes before its kill) the store is resumed with a
+plain `lloco ingest` and compared with a clean run: same keys, texts, sources, shapes and dtypes;
+vectors equal (bit for bit or, when batches were composed differently after a resume, within ``--atol``).
 
     python scripts/fault_injection.py --kills 20              # real default model (SmolLM2-135M)
     python scripts/fault_injection.py --model DIR --kills 2   # any local model folder (tests use a tiny one)
@@ -47,22 +49,43 @@ def ingest_cmd(args, corpus: Path, store: Path) -> list[str]:
             args.model, "--device", "cpu", "--batch-size", str(args.batch_size), "--json"]
 
 
-def run_ingest(args, corpus: Path, store: Path, kill_after: float | None = None) -> tuple[bool, float]:
-    """Run one ingest; SIGKILL it after ``kill_after`` s. Returns (finished on its own, seconds)."""
+def run_ingest(args, corpus: Path, store: Path, kill_after: float | None = None,
+               write_jitter: float | None = None) -> tuple[bool, float]:
+    """Run one ingest; SIGKILL it after ``kill_after`` s, or ``write_jitter`` s after a shard write starts.
+
+    Returns (finished on its own, seconds)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(ingest_cmd(args, corpus, store), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
-    try:
-        proc.wait(timeout=kill_after)
-        finished = True
-    except subprocess.TimeoutExpired:
+    at_write = write_jitter is not None
+    finished = _wait_for_write(proc, store / "shards") if at_write else _wait(proc, kill_after)
+    if not finished:
+        time.sleep(write_jitter or 0)
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        finished = False
-    out, err = proc.communicate()
+    _, err = proc.communicate()
     if finished and proc.returncode != 0:
         raise RuntimeError(f"ingest failed ({proc.returncode}): {err.decode()[-2000:]}")
     return finished, time.perf_counter() - t0
+
+
+def _wait(proc: subprocess.Popen, seconds: float | None) -> bool:
+    try:
+        proc.wait(timeout=seconds)
+        return True
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def _wait_for_write(proc: subprocess.Popen, shards: Path) -> bool:
+    """Poll every ~0.5 ms until a temp shard appears (False) or the process ends (True)."""
+    while proc.poll() is None:
+        try:
+            if any(name.endswith(".tmp") for name in os.listdir(shards)):
+                return False
+        except FileNotFoundError:
+            pass
+        time.sleep(0.0005)
+    return True
 
 
 def snapshot(store_dir: Path) -> dict:
@@ -152,28 +175,37 @@ def main(argv: list[str] | None = None) -> int:
     print(f"clean run: {len(clean['rows'])} entries in {t_clean:.1f}s")
 
     kills, rounds, failures = [], [], []
-    store, since_resume = work / "faulty-0", 0
-    for i in range(args.kills):
-        delay = rng.uniform(0.2, t_clean)
-        finished, _ = run_ingest(args, corpus, store, kill_after=delay)
+    store, since_resume, fastest = work / "faulty-0", 0, t_clean
+    while sum(not k["finished_first"] for k in kills) < args.kills and len(kills) < 3 * args.kills:
+        i = len(kills)
+        kind = "write" if i % 2 else "time"
+        delay, jitter = rng.uniform(0.2, fastest), rng.uniform(0, 0.02)
+        finished, seconds = run_ingest(args, corpus, store, kill_after=delay,
+                                       write_jitter=jitter if kind == "write" else None)
+        if finished and not since_resume:
+            fastest = min(fastest, seconds)
         state = check(store)
-        kills.append({"delay_s": round(delay, 2), "finished_first": finished, **state})
+        kills.append({"kind": kind, "at_s": round(seconds, 2), "finished_first": finished, **state})
         if state["problems"]:
             failures.append(f"kill {i}: {state['problems'][:3]}")
-        print(f"kill {i + 1}/{args.kills} after {delay:.1f}s: {'finished first; ' if finished else ''}"
+        print(f"run {i + 1} ({kind} kill) at {seconds:.2f}s: {'finished first; ' if finished else ''}"
               f"{state['entries']} entries, {len(state['problems'])} problems, {len(state['leftovers'])} leftovers")
         since_resume += 1
-        if finished or since_resume == args.kills_per_store or i == args.kills - 1:
+        done = sum(not k["finished_first"] for k in kills) >= args.kills or len(kills) >= 3 * args.kills
+        if finished or since_resume == args.kills_per_store or done:
             rounds.append(resume_and_compare(args, corpus, store, clean, failures))
             store, since_resume = work / f"faulty-{len(rounds)}", 0
 
-    summary = {"model": args.model, "kills": len(kills), "clean_entries": len(clean["rows"]),
+    killed = [k for k in kills if not k["finished_first"]]
+    summary = {"model": args.model, "kills": len(killed), "runs": len(kills), "clean_entries": len(clean["rows"]),
+               "kills_at_write": sum(k["kind"] == "write" for k in killed),
                "clean_seconds": round(t_clean, 1), "entries_checked_after_kills": sum(k["entries"] for k in kills),
                "kills_with_problems": sum(bool(k["problems"]) for k in kills),
                "kills_with_leftovers": sum(bool(k["leftovers"]) for k in kills),
                "resumed_stores": len(rounds), "rounds": rounds, "kill_log": kills, "failures": failures,
                "ok": not failures}
-    print(f"{len(kills)} kills, {summary['entries_checked_after_kills']} entries verified after kills, "
+    print(f"{len(killed)} kills in {len(kills)} runs ({summary['kills_at_write']} as a shard write started), "
+          f"{summary['entries_checked_after_kills']} entries verified after kills, "
           f"{summary['kills_with_problems']} with problems, {summary['kills_with_leftovers']} with leftover files; "
           f"{len(rounds)} stores resumed, all equal to the clean run: {all(r['ok'] for r in rounds)}")
     if args.json:

@@ -158,3 +158,17 @@ def test_adapter_for_another_model_is_refused(tiny_lloco, tmp_path):
     with pytest.raises(ValueError, match="not valid JSON"):
         tiny_lloco.backbone.load_adapter(tmp_path / "a", "other")
     assert tiny_lloco.backbone.adapters == []
+
+
+def test_bad_compressor_config_is_one_clear_error(tiny_lloco, tmp_path):
+    from lloco_index.compressor import ContextCompressor
+
+    comp = tmp_path / "comp"
+    tiny_lloco.compressor.save_pretrained(comp)
+    cfg = json.loads((comp / "compressor_config.json").read_text())
+    (comp / "compressor_config.json").write_text(json.dumps({**cfg, "summary_tokens": "24"}))
+    with pytest.raises(ValueError, match="summary_tokens must be an integer"):
+        ContextCompressor.from_pretrained(tiny_lloco.backbone, comp)
+    (comp / "compressor_config.json").write_text(json.dumps({**cfg, "hidden_size": 576}))
+    with pytest.raises(ValueError, match="trained for hidden size 576"):
+        ContextCompressor.from_pretrained(tiny_lloco.backbone, comp)
