@@ -140,20 +140,31 @@ class Backbone:
 
 def _check_adapter_shapes(path: Path, model) -> None:
     """Refuse an adapter made for another base model with a clear message instead of a shape crash."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    cfg = json.loads((path / "adapter_config.json").read_text())
+    try:
+        cfg = json.loads((path / "adapter_config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: adapter_config.json is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or str(cfg.get("peft_type", "LORA")).upper() != "LORA":
+        raise ValueError(f"{path}: not a LoRA adapter (peft_type={cfg.get('peft_type') if isinstance(cfg, dict) else cfg!r})")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     modules = dict(base.named_modules())
-    with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
-        for key in f.keys():
-            if ".lora_A." not in key:
-                continue
-            mod_name = key.split(".lora_A.")[0].removeprefix("base_model.model.")
-            mod = modules.get(mod_name)
-            in_features = f.get_slice(key).get_shape()[1]
-            if mod is None or getattr(mod, "in_features", in_features) != in_features:
-                raise ValueError(
-                    f"{path}: adapter was trained for another base model "
-                    f"(base_model_name_or_path={cfg.get('base_model_name_or_path')!r}); "
-                    f"module {mod_name} does not match")
+    other = (f"{path}: adapter was trained for another base model "
+             f"(base_model_name_or_path={cfg.get('base_model_name_or_path')!r}); module {{}} does not match")
+    try:
+        with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
+            for key in f.keys():
+                part = ".lora_A." if ".lora_A." in key else ".lora_B." if ".lora_B." in key else None
+                if part is None:
+                    continue
+                mod_name = key.split(part)[0].removeprefix("base_model.model.")
+                mod = modules.get(mod_name)
+                shape = f.get_slice(key).get_shape()
+                # lora_A is [r, in_features], lora_B is [out_features, r]
+                want, got = ((getattr(mod, "in_features", None), shape[1]) if part == ".lora_A." else
+                             (getattr(mod, "out_features", None), shape[0]))
+                if mod is None or len(shape) != 2 or want not in (None, got):
+                    raise ValueError(other.format(mod_name))
+    except SafetensorError as e:
+        raise ValueError(f"{path}: adapter_model.safetensors is unreadable ({e})") from None

@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--render", default=None, metavar="JSON", help="only print the tables of an earlier run's JSON")
     p.set_defaults(json=False)
 
+    p = sub.add_parser("verify", help="check every entry of a store; exit code 1 if something is wrong")
+    p.add_argument("--store", required=True)
+    p.add_argument("--repair", action="store_true",
+                   help="drop bad entries (the next ingest recompresses them) and remove leftover files")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+
     p = sub.add_parser("demo", help="ingest the bundled sample and answer a few questions")
     p.add_argument("--store", default=None, help="default: a fresh temporary folder")
     _common(p)
@@ -279,6 +285,25 @@ def cmd_train(args) -> None:
     _emit(args, {"out_dir": str(out)}, f"saved to {out} (compressor/, decoder/, training_state.json)")
 
 
+def cmd_verify(args) -> int:
+    from .store import CompressedStore
+
+    report = CompressedStore(args.store).verify(repair=args.repair)
+    n = len(report.problems)
+    lines = [f"store {report.store}: {report.entries} entries in {report.shards} shards checked, "
+             f"{n} problem{'' if n == 1 else 's'}"]
+    lines += [f"  {p.kind}: {p.detail}" + (f" (chunk {p.key})" if p.key else "") + (" [fixed]" if p.fixed else "")
+              for p in report.problems]
+    if report.repaired:
+        lines.append(f"repaired: dropped {len(report.dropped)} entries (re-run `lloco ingest` to recompress them), "
+                     f"removed {len(report.removed)} leftover files")
+    elif report.leftovers:
+        lines.append(f"{len(report.leftovers)} leftover files of interrupted writes (never served; --repair removes them)")
+    lines.append("OK" if report.ok else "PROBLEMS FOUND" + ("" if report.repaired else "; run with --repair"))
+    _emit(args, report.to_dict(), "\n".join(lines))
+    return 0 if report.ok else 1
+
+
 def cmd_demo(args) -> None:
     import tempfile
     import time
@@ -398,7 +423,8 @@ def cmd_bench(args) -> None:
 
 
 COMMANDS = {"ingest": cmd_ingest, "ask": cmd_ask, "answer": cmd_answer, "info": cmd_info, "train": cmd_train,
-            "eval": cmd_eval, "demo": cmd_demo, "convert-checkpoint": cmd_convert_checkpoint, "bench": cmd_bench}
+            "eval": cmd_eval, "demo": cmd_demo, "convert-checkpoint": cmd_convert_checkpoint, "verify": cmd_verify,
+            "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -406,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     args.command_line = shlex.join(["lloco", *(sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(level=os.environ.get("LLOCO_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     try:
-        COMMANDS[args.command](args)
+        return COMMANDS[args.command](args) or 0
     except KeyboardInterrupt:
         print("interrupted; the store keeps every chunk written so far", file=sys.stderr)
         return 130
@@ -417,7 +443,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"lloco {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

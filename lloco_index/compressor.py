@@ -17,9 +17,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .backbone import Backbone
+from .generation import check_cancelled
 
 ENCODER_ADAPTER = "lloco_encoder"
 CONFIG_NAME = "compressor_config.json"
@@ -40,6 +42,9 @@ class CompressorConfig:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        for name in ("segment_tokens", "summary_tokens", "hidden_size"):
+            if type(getattr(self, name)) is not int:
+                raise ValueError(f"compressor config: {name} must be an integer, got {getattr(self, name)!r}")
         if self.segment_tokens < 1 or self.summary_tokens < 1:
             raise ValueError("segment_tokens and summary_tokens must be >= 1")
         if self.store_dtype not in ("float16", "bfloat16", "float32"):
@@ -111,7 +116,11 @@ class ContextCompressor:
         if config.hidden_size != backbone.hidden_size:
             raise ValueError(f"{path}: compressor was trained for hidden size {config.hidden_size}, "
                              f"base model {backbone.name_or_path!r} has {backbone.hidden_size}")
-        summary = load_file(str(path / SUMMARY_NAME))["summary_embeddings"]
+        try:
+            summary = load_file(str(path / SUMMARY_NAME))["summary_embeddings"]
+        except (OSError, SafetensorError, KeyError) as e:
+            raise ValueError(f"{path}: {SUMMARY_NAME} is missing or unreadable ({e}); "
+                             "compressor weights are read from safetensors only") from None
         if config.has_encoder_adapter:
             backbone.load_adapter(path / "encoder", ENCODER_ADAPTER)
         return cls(backbone, config, summary)
@@ -215,6 +224,7 @@ class ContextCompressor:
         from tqdm.auto import tqdm
 
         for b in tqdm(range(0, len(order), batch_size), disable=not progress, desc="compress"):
+            check_cancelled()
             idx = order[b:b + batch_size]
             for j, v in zip(idx, self.encode_segments([segs[j] for j in idx]).to("cpu")):
                 outs[j] = v.clone()

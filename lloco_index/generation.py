@@ -8,6 +8,9 @@ left-padded; each row may use a different LoRA adapter (PEFT mixed-batch forward
 from __future__ import annotations
 
 import os
+import threading
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence, Union
 
@@ -24,6 +27,30 @@ class PromptTooLongError(RuntimeError):
 
     Not a ValueError: LlamaIndex's refine/compact synthesizers catch ValueError and return an empty
     response, which would turn this refusal into a silent non-answer."""
+
+
+class RequestCancelled(Exception):
+    """The caller cancelled the request (``cancel_scope``); work stopped at the next token or batch."""
+
+
+_CANCEL: ContextVar[threading.Event | None] = ContextVar("lloco_cancel", default=None)
+
+
+@contextmanager
+def cancel_scope(event: threading.Event) -> Iterator[None]:
+    """Within this block (in this thread), setting ``event`` stops generation and compression early
+    with ``RequestCancelled``, freeing the KV cache, instead of running to ``max_new_tokens``."""
+    token = _CANCEL.set(event)
+    try:
+        yield
+    finally:
+        _CANCEL.reset(token)
+
+
+def check_cancelled() -> None:
+    event = _CANCEL.get()
+    if event is not None and event.is_set():
+        raise RequestCancelled("request cancelled")
 
 
 @dataclass
@@ -181,6 +208,7 @@ class Generator:
         reasons: list[str | None] = [None] * b
         try:
             for step, nxt in enumerate(steps):
+                check_cancelled()
                 for i in range(b):
                     if reasons[i]:
                         continue

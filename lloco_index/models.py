@@ -185,7 +185,8 @@ def load_base_model(name_or_path: str = DEFAULT_MODEL, device: torch.device | st
     path = resolve_model_path(name_or_path)
     _require_safetensors(Path(path), name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    # safetensors only: a pickled checkpoint can run code when loaded
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -19,14 +19,14 @@ import torch
 
 from .backbone import Backbone
 from .checkpoints import is_autocompressor
-from .chunking import Chunk, chunk_text, iter_text_files, read_text_file
+from .chunking import Chunk, check_text, chunk_text, iter_text_files, read_text_file
 from .compressor import ContextCompressor
 from .generation import GenerationConfig, Generator, Piece
 from .models import DEFAULT_MODEL
 from .presets import get_preset
 from .prompts import SYSTEM_PROMPT, qa_pieces
 from .retrieval import BM25
-from .store import CompressedStore, KeyRef, StoreError, chunk_key
+from .store import CompressedStore, KeyRef, StoreError, chunk_key, escape_sentinels
 
 logger = logging.getLogger(__name__)
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
@@ -127,13 +127,24 @@ class LLoCO:
     def compress_texts(self, texts: Sequence[str], batch_size: int = 16, show_progress_bar: bool = False,
                        sources: Sequence[tuple[str, int]] | None = None) -> list[str]:
         """Keys for ``texts`` (each at most one segment), compressing only what is not cached yet."""
+        return self._compress(texts, batch_size, show_progress_bar, sources)[0]
+
+    def _compress(self, texts: Sequence[str], batch_size: int, show_progress_bar: bool,
+                  sources: Sequence[tuple[str, int]] | None) -> tuple[list[str], int]:
+        """``(keys, number of entries this call stored)``; every text is checked before anything is written."""
+        for i, t in enumerate(texts):
+            check_text(t)
+            if not t:
+                raise ValueError(f"text {i} is empty: nothing to compress")
         fp = self.compressor.fingerprint()
         keys = [self.store.key_for(t) if self.store else chunk_key(fp, t) for t in texts]
-        missing = self.store.missing(keys) if self.store else [k for k in dict.fromkeys(keys) if k not in self._memory]
-        todo = {k: t for k, t in zip(keys, texts) if k in set(missing)}
-        src_rows = [(d, p, k) for (d, p), k in zip(sources or [], keys)]
-        items = list(todo.items())
+        missing = set(self.store.missing(keys) if self.store else [k for k in keys if k not in self._memory])
+        items = list({k: t for k, t in zip(keys, texts) if k in missing}.items())
+        src_by_key: dict[str, list[tuple[str, int, str]]] = {}
+        for (d, p), k in zip(sources or [], keys):
+            src_by_key.setdefault(k, []).append((d, p, k))
         step = max(batch_size * 8, 1)  # write a shard every few batches so an interrupted ingest keeps its work
+        stored = 0
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(items), disable=not show_progress_bar, desc="compress", unit="chunk")
@@ -142,37 +153,37 @@ class LLoCO:
             vecs = self.compressor.compress([t for _, t in part], batch_size=batch_size)
             n_src = [len(self.backbone.tokenizer(t, add_special_tokens=False)["input_ids"]) for _, t in part]
             if self.store:
-                part_keys = {k for k, _ in part}
-                self.store.put_many([(k, v, t, n) for (k, t), v, n in zip(part, vecs, n_src)],
-                                    [r for r in src_rows if r[2] in part_keys])
+                stored += self.store.put_many([(k, v, t, n) for (k, t), v, n in zip(part, vecs, n_src)],
+                                              [r for k, _ in part for r in src_by_key.get(k, ())])
             else:
                 self._memory.update({k: (v, n, t) for (k, t), v, n in zip(part, vecs, n_src)})
+                stored += len(part)
             bar.update(len(part))
         bar.close()
-        if self.store and src_rows:
-            self.store.put_many([], src_rows)
-        return keys
+        if self.store and src_by_key:
+            self.store.put_many([], [r for rows in src_by_key.values() for r in rows])
+        return keys, stored
 
     def ingest(self, paths: Sequence[str | Path], batch_size: int = 16, show_progress_bar: bool = False) -> IngestReport:
-        """Chunk and compress files/folders of UTF-8 text into the store; cached chunks are skipped.
+        """Chunk and compress files/folders of text into the store; cached chunks are skipped.
 
         Every file is read and checked before anything is written, so bad input changes nothing.
+        Sentinel-looking strings in the documents are made inert (``escape_sentinels``), so a chunk's
+        text can never load another chunk's vectors when a framework puts it in a prompt.
         """
         if self.store is None:
             raise StoreError("ingest needs a store: LLoCO.from_pretrained(..., store=DIR)")
         files = iter_text_files(paths)
         if not files:
             raise ValueError(f"no text files (.txt/.md/.rst) found in {', '.join(map(str, paths))}")
-        texts, srcs = [], []
+        texts, srcs, n_tokens = [], [], {}
         for f in files:
-            for i, c in enumerate(self.chunk(read_text_file(f))):
+            for i, c in enumerate(self.chunk(escape_sentinels(read_text_file(f)))):
                 texts.append(c.text)
                 srcs.append((str(f), i))
-        before = self.store.stats()["chunks"]
-        self.compress_texts(texts, batch_size, show_progress_bar, sources=srcs)
-        after = self.store.stats()["chunks"]
-        n_tok = sum(c.source_tokens for c in self.store.chunks(list(dict.fromkeys(self.store.key_for(t) for t in texts))))
-        return IngestReport(len(files), len(texts), after - before, n_tok)
+                n_tokens[c.text] = c.n_tokens
+        _, new = self._compress(texts, batch_size, show_progress_bar, srcs)
+        return IngestReport(len(files), len(texts), new, sum(n_tokens.values()))
 
     def vectors(self, keys: Sequence[str]) -> list[torch.Tensor]:
         if self.store:
@@ -246,7 +257,9 @@ class LLoCO:
         """Generate from a prompt whose ``<lloco:...>`` sentinels (from ``store.sentinel``) become vectors.
 
         ``prompt`` is one user turn, or chat ``(role, text)`` messages rendered with the model's chat template
-        (``self.system_prompt`` is added when there is no system message).
+        (``self.system_prompt`` is added when there is no system message). Put untrusted text (documents, user
+        questions) into such a prompt only through ``lloco_index.store.escape_sentinels`` so it cannot smuggle
+        in a sentinel of its own.
         """
         pieces, keys = self._prompt_pieces(prompt)
         if stream:
