@@ -14,7 +14,7 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}"
     "{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}"
 )
-CORPUS = (Path(__file__).parent.parent / "lloco_index" / "samples").glob("*.txt")
+CORPUS = sorted((Path(__file__).parent.parent / "lloco_index" / "samples").glob("*.txt"))  # sorted: one BPE everywhere
 
 
 def build_tiny_llama(path: Path, hidden: int = 64, layers: int = 2, vocab: int = 400, max_pos: int = 1024) -> Path:

@@ -121,7 +121,7 @@ def test_pickles_are_never_loaded(tiny_lloco, tiny_model_dir, tmp_path):
     shutil.copytree(tiny_model_dir, model)
     (model / "model.safetensors").unlink()
     torch.save({"x": Evil(marker)}, model / "pytorch_model.bin")
-    with pytest.raises(ValueError, match="pickled weights .* are refused"):
+    with pytest.raises(ValueError, match="pickled weights are never loaded"):
         load_base_model(str(model), device="cpu")
     adapter = tmp_path / "adapter"
     adapter.mkdir()
