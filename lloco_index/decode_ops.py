@@ -3,11 +3,13 @@
 ``decode_attention``: one query token against a whole static cache (SDPA, or split-K matmuls that
 spread a long cache over many thread blocks); ``autotune_split`` picks between them by timing on
 the device. ``patched``: routes attention through it and runs RMSNorm as one ``F.rms_norm`` call.
+``Clock``: phase timings without a host sync until they are read.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import contextmanager
 from functools import partial
 from typing import Iterator, Sequence
@@ -99,17 +101,40 @@ def autotune_split(bb: Backbone, batch: int, length: int, candidates: Sequence[i
             try:
                 for _ in range(3):
                     decode_attention(module, q, k, v, mask, split=s)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
+                clock = Clock(dev)
                 for _ in range(10):
                     decode_attention(module, q, k, v, mask, split=s)
-                end.record()
-                end.synchronize()
-                t = start.elapsed_time(end)
+                clock.mark()
+                t = clock.spans("t")["t"]
             except RuntimeError as e:
                 logger.warning("decode attention split=%d failed: %s", s, e)
                 continue
             if t < best_t:
                 best, best_t = s, t
-    logger.info("decode attention for batch %d, cache %d: split=%d (%.3f ms)", batch, length, best, best_t / 10)
+    logger.info("decode attention for batch %d, cache %d: split=%d (%.3f ms)", batch, length, best, best_t * 100)
     return best
+
+
+class Clock:
+    """Phase boundaries: CUDA events on a GPU (no sync until read), wall clock elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+        self.mark()
+
+    def mark(self) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append(ev)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def spans(self, *names: str) -> dict[str, float]:
+        if self.cuda:
+            self.marks[-1].synchronize()
+            gaps = [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        else:
+            gaps = [b - a for a, b in zip(self.marks, self.marks[1:])]
+        return dict(zip(names, gaps))

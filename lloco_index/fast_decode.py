@@ -23,7 +23,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .backbone import Backbone
-from .decode_ops import autotune_split, patched, rms_norms, text_config
+from .decode_ops import Clock, autotune_split, patched, rms_norms, text_config
 
 logger = logging.getLogger(__name__)
 Sampler = Callable[[torch.Tensor], torch.Tensor]  # float logits [b, vocab] -> token ids [b]
@@ -226,7 +226,7 @@ class FastDecoder:
         for i, a in enumerate(adapters):
             groups.setdefault(a, []).append(i)
         runners: list[tuple[list[int], tuple, _Runner]] = []
-        clock = _Clock(self.bb.device)
+        clock = Clock(self.bb.device)
         try:
             with torch.inference_mode():
                 for adapter, rows in groups.items():
@@ -302,31 +302,3 @@ class FastDecoder:
         if (batch, length) not in self._splits:
             self._splits[(batch, length)] = autotune_split(self.bb, batch, length)
         return self._splits[(batch, length)]
-
-
-class _Clock:
-    """Phase boundaries: CUDA events on a GPU (no sync until read), wall clock elsewhere."""
-
-    def __init__(self, device: torch.device):
-        import time
-
-        self.cuda = device.type == "cuda"
-        self._now = time.perf_counter
-        self.marks: list = []
-        self.mark()
-
-    def mark(self) -> None:
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            self.marks.append(ev)
-        else:
-            self.marks.append(self._now())
-
-    def spans(self, *names: str) -> dict[str, float]:
-        if self.cuda:
-            self.marks[-1].synchronize()
-            gaps = [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
-        else:
-            gaps = [b - a for a, b in zip(self.marks, self.marks[1:])]
-        return dict(zip(names, gaps))

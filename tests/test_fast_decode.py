@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lloco_index.backbone import Backbone
-from lloco_index.decode_ops import decode_attention
+from lloco_index.decode_ops import autotune_split, decode_attention
 from lloco_index.fast_decode import FastDecoder
 from lloco_index.generation import GenerationConfig, Generator
 
@@ -127,3 +127,7 @@ def test_split_attention_matches_sdpa():
     out, _ = decode_attention(module, q, k, v, mask, scaling=d ** -0.5, split=8)
     assert out.shape == ref.shape == (b, 1, kv_heads * groups, d)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_autotune_picks_a_working_attention(sharp_backbone):
+    assert autotune_split(sharp_backbone, 2, 64, candidates=(0, 4, 8, 5)) in (0, 4, 8)  # 5 does not divide 64
