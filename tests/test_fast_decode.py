@@ -103,9 +103,11 @@ def test_decode_step_never_syncs_with_the_host(sharp_backbone, monkeypatch):
     with torch.inference_mode():
         runner.prefill(x, mask, 4, lambda lg: lg.argmax(-1))
     reads = []
+    def spy(name, orig):
+        return lambda self, *a, **k: (reads.append(name), orig(self, *a, **k))[1]
+
     for name in ("__bool__", "item", "tolist", "__int__", "__float__", "__index__", "cpu", "numpy"):
-        orig = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _n=name, _o=orig, **k: (reads.append(_n), _o(self, *a, **k))[1])
+        monkeypatch.setattr(torch.Tensor, name, spy(name, getattr(torch.Tensor, name)))
     with torch.inference_mode():
         runner._body()
     monkeypatch.undo()
