@@ -352,6 +352,9 @@ def run_bench(cfg: BenchConfig) -> dict:
         lengths = cfg.lengths or shape.lengths
         res: dict = {"errors": {}}
         report["shapes"][name] = res
+        if ctx.left() < 0:
+            res["skipped"] = "time budget spent"
+            continue
         try:
             t0 = time.perf_counter()
             bb = build_backbone(shape, device, max(lengths + (cfg.serve_source, cfg.finetune_source))

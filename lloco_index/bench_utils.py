@@ -245,7 +245,7 @@ def summary_tables(report: dict) -> str:
     meta = report["meta"]
     parts = [f"\n## {meta['device']}: {meta['peak_tflops']:.1f} TFLOP/s, {meta['bandwidth_gbs']:.0f} GB/s (measured)"]
     for name, res in report["shapes"].items():
-        parts.append(f"\n### {name} ({res.get('model', {}).get('name', '?')})")
+        parts.append(f"\n### {name} ({res.get('model', {}).get('name', '?')}) {res.get('skipped', '')}")
         if "latency" in res:
             ms = [{**r, "ms": r["latency_s"] * 1e3, "roof ms": r["roofline_s"] * 1e3} if "latency_s" in r else r
                   for r in res["latency"]["rows"]]
