@@ -105,7 +105,9 @@ def _answer_row(ctx: Ctx, row: dict, gen: Generator, pieces: Callable[[], list],
         gen.fast.clear()  # free this case's cache before the next one
     if times is None:
         return row
-    assert all(r.new_tokens == c.new_tokens for r in results), "engine stopped early"
+    if any(r.new_tokens != c.new_tokens for r in results):
+        row["error"] = "engine stopped before N tokens"
+        return row
     pre_roof, dec_roof = cost.roofline(positions, c.new_tokens, ctx.peak, ctx.bandwidth)
     row.update(latency_s=median(times), times_s=times, roofline_s=pre_roof + dec_roof, roofline_prefill_s=pre_roof,
                roofline_decode_s=dec_roof)
@@ -117,7 +119,7 @@ def _answer_row(ctx: Ctx, row: dict, gen: Generator, pieces: Callable[[], list],
                    prefill_x_roofline=t["prefill_s"] / pre_roof, decode_x_roofline=t["decode_s"] / dec_roof,
                    attention_split=t["attention_split"], cuda_graphs=gen.fast.uses_graphs and not gen.fast.graph_errors)
     say(f"{label}: {row['latency_s'] * 1e3:.1f} ms "
-         f"({row['x_roofline']:.2f}x roofline {row['roofline_s'] * 1e3:.1f} ms)")
+        f"({row['x_roofline']:.2f}x roofline {row['roofline_s'] * 1e3:.1f} ms)")
     return row
 
 
@@ -142,15 +144,17 @@ def _agreement(ctx: Ctx, fast: Generator, eager: Generator) -> dict:
     return {"new_tokens": len(ids[0]), "common_prefix_tokens": same, "tokens_equal": ids[0] == ids[1]}
 
 
-def section_latency(ctx: Ctx) -> dict:
+def section_latency(ctx: Ctx, out: dict) -> None:
     from peft import LoraConfig
 
     c, bb = ctx.cfg, ctx.bb
     fast, eager = _generators(bb)
-    agreement = _agreement(ctx, fast, eager)
+    out.update(rows=[], speedups=[], engine_agreement={}, graph_errors=fast.fast.graph_errors)
+    agreement = attempt(out["engine_agreement"], "  fast vs eager agreement", lambda: _agreement(ctx, fast, eager))
+    out["engine_agreement"].update(agreement or {})
     lengths = c.lengths or ctx.shape.lengths
     lloco_cases = [(f"lloco {seg}->{k}", seg, k) for seg, k in ctx.shape.ratios]
-    rows = []
+    rows = out["rows"]
     for source in lengths:
         cases = [("full", source)] + [(n, ctx.lloco_positions(source, seg, k)) for n, seg, k in lloco_cases]
         for case, ctx_pos in cases:
@@ -170,7 +174,7 @@ def section_latency(ctx: Ctx) -> dict:
                    "engine": "fast+lora"}
             rows.append(_answer_row(ctx, row, fast, _prompt(ctx, case, ctx_pos), LATENCY_ADAPTER))
     lat = {(r["source_tokens"], r["case"], r["engine"]): r["latency_s"] for r in rows if "latency_s" in r}
-    speedups = []
+    speedups = out["speedups"]
     for (source, case, engine), t in lat.items():
         if case != "full" and engine != "eager" and (source, "full", "fast") in lat:
             s = {"source_tokens": source, "case": case, "engine": engine, "speedup": lat[(source, "full", "fast")] / t}
@@ -178,14 +182,13 @@ def section_latency(ctx: Ctx) -> dict:
                 s["speedup_vs_eager_full"] = lat[(source, "full", "eager")] / t
             speedups.append(s)
             say(f"  speed-up {case} ({engine}) vs full (fast) at S={source}: {s['speedup']:.2f}x")
-    return {"rows": rows, "speedups": speedups, "engine_agreement": agreement, "graph_errors": fast.fast.graph_errors}
 
 
-def section_compress(ctx: Ctx) -> dict:
+def section_compress(ctx: Ctx, out: dict) -> None:
     from .compressor import CompressorConfig, ContextCompressor
 
     c, bb, cost = ctx.cfg, ctx.bb, ctx.cost
-    rows = []
+    rows = out.setdefault("rows", [])
     for seg, k in ctx.shape.ratios[:1]:
         comp = ContextCompressor(bb, CompressorConfig(base_model=bb.name_or_path, segment_tokens=seg, summary_tokens=k,
                                                       hidden_size=bb.hidden_size), ctx.vectors(k).float())
@@ -208,10 +211,9 @@ def section_compress(ctx: Ctx) -> dict:
                          "mfu": flops / t / ctx.peak})
             say(f"  compress {seg}->{k} batch {batch}: {batch * seg / t:,.0f} source tokens/s, "
                  f"MFU {rows[-1]['mfu']:.1%}")
-    return {"rows": rows}
 
 
-def section_serve(ctx: Ctx) -> dict:
+def section_serve(ctx: Ctx, out: dict) -> None:
     from peft import LoraConfig
 
     c, bb = ctx.cfg, ctx.bb
@@ -239,7 +241,8 @@ def section_serve(ctx: Ctx) -> dict:
              ("eager engine, one batch (PEFT mixed-adapter forward)",
               lambda: eager.generate(prompts, gen_cfg, adapters)),
              ("fast engine, one question at a time", one_by_one)]
-    rows = []
+    rows = out.setdefault("rows", [])
+    out["graph_errors"] = fast.fast.graph_errors
     for mode, fn in modes:
         row = {"mode": mode, "questions": c.serve_questions, "adapters": len(names), "context_positions": n_ctx}
         if ctx.left() < 0:
@@ -254,10 +257,9 @@ def section_serve(ctx: Ctx) -> dict:
         rows.append({**row, "seconds": t, "times_s": times, "questions_per_s": c.serve_questions / t,
                      "new_tokens_per_s": c.serve_questions * c.new_tokens / t})
         say(f"  serve {mode}: {c.serve_questions / t:.2f} questions/s")
-    return {"rows": rows, "graph_errors": fast.fast.graph_errors}
 
 
-def section_finetune(ctx: Ctx) -> dict:
+def section_finetune(ctx: Ctx, out: dict) -> None:
     from .train import DECODER_ADAPTER, _lora, answer_loss
 
     c, bb = ctx.cfg, ctx.bb
@@ -292,7 +294,8 @@ def section_finetune(ctx: Ctx) -> dict:
     for source in (c.finetune_source, c.finetune_source // 2, c.finetune_source // 4):
         attempts.append((f"full {source}", 1, source + extra,
                          lambda source=source: batch_for(bb.embed(ctx.rand_ids(source + extra))[None])))
-    rows, full_done = [], False
+    out.update(rows=[], gradient_checkpointing=True, lora="r=8, alpha=16, q/k/v/o")
+    rows, full_done = out["rows"], False
     try:
         for name, batch, positions, make in attempts:
             if name.startswith("full") and full_done:
@@ -324,8 +327,7 @@ def section_finetune(ctx: Ctx) -> dict:
     comp = max((r["examples_per_s"] for r in rows if r["case"] == "compressed" and "examples_per_s" in r), default=None)
     full = next((r for r in rows if r["case"].startswith("full") and "examples_per_s" in r), None)
     ratio = comp / full["examples_per_s"] if full and comp else None
-    return {"rows": rows, "gradient_checkpointing": True, "lora": "r=8, alpha=16, q/k/v/o",
-            "throughput_ratio": ratio, "ratio_full_case": full["case"] if full else None}
+    out.update(throughput_ratio=ratio, ratio_full_case=full["case"] if full else None)
 
 
 SECTION_FUNCS = {"latency": section_latency, "compress": section_compress, "serve": section_serve,
@@ -373,7 +375,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         for section in (s for s in SECTIONS if s in cfg.sections):
             say(f"[{name}] {section}")
             try:
-                res[section] = SECTION_FUNCS[section](ctx)
+                SECTION_FUNCS[section](ctx, res.setdefault(section, {}))  # partial results survive an error
             except Exception as e:  # record and go on: one shot on the device
                 res["errors"][section] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()

@@ -241,28 +241,28 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def summary_tables(report: dict) -> str:
-    """Markdown tables of a ``lloco bench`` report (also ``lloco bench --render FILE``)."""
+    """Markdown tables of a ``lloco bench`` report, partial or whole (also ``lloco bench --render FILE``)."""
     meta = report["meta"]
     parts = [f"\n## {meta['device']}: {meta['peak_tflops']:.1f} TFLOP/s, {meta['bandwidth_gbs']:.0f} GB/s (measured)"]
     for name, res in report["shapes"].items():
         parts.append(f"\n### {name} ({res.get('model', {}).get('name', '?')}) {res.get('skipped', '')}")
-        if "latency" in res:
+        lat = res.get("latency", {})
+        if lat:
             ms = [{**r, "ms": r["latency_s"] * 1e3, "roof ms": r["roofline_s"] * 1e3} if "latency_s" in r else r
-                  for r in res["latency"]["rows"]]
-            parts.append(markdown_table(ms,
-                                        ["source_tokens", "case", "positions", "engine", "ms", "roof ms", "x_roofline",
-                                         "prefill_x_roofline", "decode_x_roofline", "ms_per_token", "skipped",
-                                         "error"]))
-            parts.append(markdown_table(res["latency"]["speedups"],
+                  for r in lat.get("rows", [])]
+            parts.append(markdown_table(ms, ["source_tokens", "case", "positions", "engine", "ms", "roof ms",
+                                             "x_roofline", "prefill_x_roofline", "decode_x_roofline", "ms_per_token",
+                                             "skipped", "error"]))
+            parts.append(markdown_table(lat.get("speedups", []),
                                         ["source_tokens", "case", "engine", "speedup", "speedup_vs_eager_full"]))
-            agree = res["latency"]["engine_agreement"]
-            errors = res["latency"]["graph_errors"] or "none"
-            parts.append(f"fast vs eager greedy tokens: {agree['common_prefix_tokens']}/{agree['new_tokens']} "
-                         f"identical before the first difference; CUDA graph errors: {errors}")
+            agree = lat.get("engine_agreement", {})
+            parts.append(f"fast vs eager greedy tokens: {agree.get('common_prefix_tokens', '?')}/"
+                         f"{agree.get('new_tokens', '?')} identical before the first difference "
+                         f"{agree.get('error', '')}; CUDA graph errors: {lat.get('graph_errors') or 'none'}")
         for section, cols in (("compress", ["segment", "summary", "batch", "source_tokens_per_s", "tflops", "mfu"]),
                               ("serve", ["mode", "questions", "adapters", "questions_per_s", "new_tokens_per_s"]),
                               ("finetune", ["case", "batch", "positions", "examples_per_s", "positions_per_s"])):
-            if section in res:
+            if res.get(section, {}).get("rows"):
                 parts.append(markdown_table(res[section]["rows"], cols + ["skipped", "error"]))
         if res.get("finetune", {}).get("throughput_ratio"):
             parts.append(f"finetuning throughput ratio (compressed / {res['finetune']['ratio_full_case']}): "

@@ -66,3 +66,26 @@ def test_cost_counts_a_7b_shape_without_allocating():
 def test_bench_rejects_unknown_shape():
     with pytest.raises(ValueError, match="unknown shape"):
         BenchConfig(shapes=("13b",))
+
+
+def test_bench_failures_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    """One shot on the device: a failing case or check is written down, the other measurements still run."""
+    from lloco_index import bench
+    from lloco_index.generation import Generator
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated kernel failure")
+
+    monkeypatch.setattr(Generator, "_eager_steps", broken)
+    monkeypatch.setattr(bench, "_agreement", broken)
+    report = bench.run_bench(BenchConfig(shapes=("tiny",), sections=("latency", "compress"), lengths=(256,),
+                                         new_tokens=3, reps=1, compress_batches=(2,), device="cpu",
+                                         out=str(tmp_path / "b.json")))
+    res = report["shapes"]["tiny"]
+    assert res["errors"] == {}
+    assert "simulated kernel failure" in res["latency"]["engine_agreement"]["error"]
+    rows = {(r["case"], r["engine"]): r for r in res["latency"]["rows"]}
+    assert "simulated kernel failure" in rows[("full", "eager")]["error"]
+    assert rows[("full", "fast")]["latency_s"] > 0 and rows[("lloco 1536->50", "fast+lora")]["latency_s"] > 0
+    assert res["compress"]["rows"][0]["source_tokens_per_s"] > 0
+    assert json.loads((tmp_path / "b.json").read_text())["shapes"]["tiny"]["compress"]["rows"]
