@@ -117,7 +117,8 @@ def _answer_row(ctx: Ctx, row: dict, gen: Generator, pieces: Callable[[], list],
         row.update(prefill_s=t["prefill_s"], decode_s=t["decode_s"],
                    ms_per_token=1e3 * t["decode_s"] / (c.new_tokens - 1),
                    prefill_x_roofline=t["prefill_s"] / pre_roof, decode_x_roofline=t["decode_s"] / dec_roof,
-                   attention_split=t["attention_split"], cuda_graphs=gen.fast.uses_graphs and not gen.fast.graph_errors)
+                   attention_split=t["attention_split"], lean=t["lean"],
+                   cuda_graphs=gen.fast.uses_graphs and not gen.fast.graph_errors)
     say(f"{label}: {row['latency_s'] * 1e3:.1f} ms "
         f"({row['x_roofline']:.2f}x roofline {row['roofline_s'] * 1e3:.1f} ms)")
     return row
@@ -149,6 +150,7 @@ def section_latency(ctx: Ctx, out: dict) -> None:
 
     c, bb = ctx.cfg, ctx.bb
     fast, eager = _generators(bb)
+    fast_hf, _ = _generators(bb, lean=False)  # the same engine through the transformers modules, for reference
     out.update(rows=[], speedups=[], engine_agreement={}, graph_errors=fast.fast.graph_errors)
     agreement = attempt(out["engine_agreement"], "  fast vs eager agreement", lambda: _agreement(ctx, fast, eager))
     out["engine_agreement"].update(agreement or {})
@@ -159,7 +161,8 @@ def section_latency(ctx: Ctx, out: dict) -> None:
         cases = [("full", source)] + [(n, ctx.lloco_positions(source, seg, k)) for n, seg, k in lloco_cases]
         for case, ctx_pos in cases:
             pieces = _prompt(ctx, case, ctx_pos)
-            for engine, gen in (("fast", fast), ("eager", eager)):
+            engines = [("fast", fast), ("eager", eager)] + ([("fast-hf", fast_hf)] if case != "full" else [])
+            for engine, gen in engines:
                 row = {"source_tokens": source, "case": case, "positions": ctx_pos + c.question_tokens,
                        "engine": engine}
                 rows.append(_answer_row(ctx, row, gen, pieces))
@@ -182,6 +185,7 @@ def section_latency(ctx: Ctx, out: dict) -> None:
                 s["speedup_vs_eager_full"] = lat[(source, "full", "eager")] / t
             speedups.append(s)
             say(f"  speed-up {case} ({engine}) vs full (fast) at S={source}: {s['speedup']:.2f}x")
+    out["graph_errors"] = fast.fast.graph_errors + fast_hf.fast.graph_errors
 
 
 def section_compress(ctx: Ctx, out: dict) -> None:

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 def decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                      split: int = 0, **kwargs):
-    """One query token against a whole static cache with a boolean ``[b, 1, 1, L]`` mask.
+    """One query token against a whole static cache with a ``[b, 1, 1, L]`` mask (bool, or additive float).
 
     ``split=0`` is SDPA. ``split=n`` is plain matmuls (HF eager-attention precision: bf16 scores,
     fp32 softmax) with the value product split ``n`` ways along the cache, so a 32k-token cache is
@@ -34,13 +34,14 @@ def decode_attention(module, query, key, value, attention_mask, dropout: float =
     """
     b, h, q, d = query.shape
     hk, length = key.shape[1], key.shape[2]
-    if split <= 0 or q != 1 or length % split or attention_mask is None or attention_mask.dtype != torch.bool:
+    if split <= 0 or q != 1 or length % split or attention_mask is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     g = h // hk
     scale = d ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query.reshape(b, hk, g, d) * scale, key.transpose(2, 3)).float()
-    scores = scores.masked_fill(~attention_mask.view(b, 1, 1, length), float("-inf"))
+    mask = attention_mask.view(b, 1, 1, length)
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     probs = torch.softmax(scores, dim=-1).to(value.dtype).view(b, hk, g, split, length // split).transpose(2, 3)
     out = torch.matmul(probs, value.view(b, hk, split, length // split, d)).sum(2, dtype=torch.float32)
     return out.to(query.dtype).reshape(b, h, 1, d).transpose(1, 2).contiguous(), None

@@ -24,6 +24,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .backbone import Backbone
 from .decode_ops import Clock, autotune_split, patched, rms_norms, text_config
+from .lean_llama import LeanLlama, prefill_mask, support
 
 logger = logging.getLogger(__name__)
 Sampler = Callable[[torch.Tensor], torch.Tensor]  # float logits [b, vocab] -> token ids [b]
@@ -38,6 +39,7 @@ class FastDecodeConfig:
     split: int | None = None  # decode attention: 0 = SDPA, n = matmul with n-way split-K; None = autotune
     autotune_min_len: int = 4096  # CUDA caches at least this long try the split-K matmul attention
     fused_norm: bool = True  # RMSNorm as one F.rms_norm call (one fused kernel on CUDA instead of ~8)
+    lean: bool = True  # LLaMA layers through lean_llama (fewer kernels); other models through transformers
 
 
 class _SlabLayer(CacheLayerMixin):
@@ -104,18 +106,20 @@ class _Runner:
     """Static buffers, cache and (lazily captured) graph for one adapter, batch size and cache length."""
 
     def __init__(self, bb: Backbone, adapter: str | None, batch: int, length: int, use_graph: bool, split: int,
-                 fused_norm: bool):
+                 config: FastDecodeConfig):
         cfg = text_config(bb.model)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         dev = bb.device
         self.bb, self.adapter, self.batch, self.length, self.split = bb, adapter, batch, length, split
-        self.norms = rms_norms(bb.model) if fused_norm else []
+        self.norms = rms_norms(bb.model) if config.fused_norm else []
+        self.lean_reason = support(bb.model, adapter) if config.lean else "disabled"
+        self.lean = LeanLlama(bb.model, adapter) if self.lean_reason is None else None
         self.cache = SlabCache(cfg.num_hidden_layers, batch, kv_heads, length, head_dim, bb.dtype, dev)
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.slot = torch.zeros(1, dtype=torch.long, device=dev)
-        self.mask = torch.zeros(batch, 1, 1, length, dtype=torch.bool, device=dev)
+        self.mask = torch.zeros(batch, 1, 1, length, dtype=bb.dtype, device=dev)  # additive: 0 or dtype min
         vocab = bb.model.get_output_embeddings().weight.shape[0]
         self.logits = torch.zeros(batch, vocab, dtype=torch.float32, device=dev)
         self.out = torch.zeros(batch, 1, dtype=torch.long, device=dev)
@@ -128,25 +132,33 @@ class _Runner:
         b, width = mask.shape
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         self.cache.begin_prefill()
-        with patched(self.bb, None, self.norms):
-            out = self.bb.forward_mixed([self.adapter] * b, inputs_embeds=x, attention_mask=mask, position_ids=pos,
-                                        past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        if self.lean is not None:
+            logits = self.lean(x, pos, self.cache, prefill_mask(mask))
+        else:
+            with patched(self.bb, None, self.norms):
+                logits = self.bb.forward_mixed([self.adapter] * b, inputs_embeds=x, attention_mask=mask,
+                                               position_ids=pos, past_key_values=self.cache, use_cache=True,
+                                               logits_to_keep=1).logits[:, -1]
         self.cache.begin_decode(self.slot)
-        self.mask.zero_()
-        self.mask[:, 0, 0, :width] = mask.bool()
+        self.mask.fill_(torch.finfo(self.mask.dtype).min)
+        self.mask[:, 0, 0, :width].masked_fill_(mask.bool(), 0.0)
         self.slot.fill_(width)
         self.pos.copy_(pos[:, -1:] + 1)
         self.out = torch.zeros(b, max_new_tokens, dtype=torch.long, device=self.tok.device)
-        self.tok.copy_(sample(out.logits[:, -1].float())[:, None])
+        self.tok.copy_(sample(logits.float())[:, None])
         self.out[:, 0] = self.tok[:, 0]
 
     def _body(self) -> None:
         """One decode step, entirely on the device (this is what the graph captures)."""
-        self.mask.index_fill_(3, self.slot, True)
-        with patched(self.bb, self.split, self.norms):
-            out = self.bb.forward_mixed([self.adapter] * self.batch, input_ids=self.tok, attention_mask=self.mask,
-                                        position_ids=self.pos, past_key_values=self.cache, use_cache=True)
-        self.logits.copy_(out.logits[:, -1])
+        self.mask.index_fill_(3, self.slot, 0.0)
+        if self.lean is not None:
+            logits = self.lean(self.lean.embed_ids(self.tok), self.pos, self.cache, self.mask, self.split)
+        else:
+            with patched(self.bb, self.split, self.norms):
+                logits = self.bb.forward_mixed([self.adapter] * self.batch, input_ids=self.tok,
+                                               attention_mask=self.mask, position_ids=self.pos,
+                                               past_key_values=self.cache, use_cache=True).logits[:, -1]
+        self.logits.copy_(logits)
         self.tok.copy_(self.logits.argmax(-1, keepdim=True))
         self.pos.add_(1)
         self.slot.add_(1)
@@ -204,7 +216,7 @@ class FastDecoder:
         self._idle: OrderedDict[tuple, list[_Runner]] = OrderedDict()
         self._pool_lock = threading.Lock()  # a runner serves one decode at a time
         self._splits: dict[tuple[int, int], int] = {}
-        self.last_timing: dict[str, float] = {}  # prefill_s, decode_s, attention_split of the last full decode
+        self.last_timing: dict = {}  # prefill_s, decode_s, attention_split, lean of the last full decode
         self.graph_errors: list[str] = []
 
     @property
@@ -253,7 +265,8 @@ class FastDecoder:
                 if target == max_new_tokens:
                     clock.mark()
                     self.last_timing = {**clock.spans("prefill_s", "decode_s"),
-                                        "attention_split": max(r.split for _, _, r in runners)}
+                                        "attention_split": max(r.split for _, _, r in runners),
+                                        "lean": all(r.lean is not None for _, _, r in runners)}
                 yield from columns
                 done = target
         finally:
@@ -272,10 +285,10 @@ class FastDecoder:
                 return key, idle.pop()
         split = self._split_for(batch, length)
         try:
-            runner = _Runner(self.bb, adapter, batch, length, self.uses_graphs, split, self.config.fused_norm)
+            runner = _Runner(self.bb, adapter, batch, length, self.uses_graphs, split, self.config)
         except torch.cuda.OutOfMemoryError:
             self.clear()
-            runner = _Runner(self.bb, adapter, batch, length, self.uses_graphs, split, self.config.fused_norm)
+            runner = _Runner(self.bb, adapter, batch, length, self.uses_graphs, split, self.config)
         return key, runner
 
     def _release(self, key: tuple, runner: _Runner) -> None:
@@ -289,10 +302,11 @@ class FastDecoder:
                     del self._idle[oldest]
 
     def _adapter_signature(self, adapter: str | None) -> tuple:
-        """Graphs hold raw pointers to LoRA weights: a reloaded adapter must not reuse an old graph."""
+        """Graphs hold raw pointers to LoRA weights and the lean forward copies them: a reloaded or
+        updated (trained in place) adapter must not reuse an old runner."""
         if adapter is None:
             return ()
-        return tuple(p.data_ptr() for n, p in self.bb.model.named_parameters() if f".{adapter}." in n)
+        return tuple((p.data_ptr(), p._version) for n, p in self.bb.model.named_parameters() if f".{adapter}." in n)
 
     def _split_for(self, batch: int, length: int) -> int:
         if self.config.split is not None:
