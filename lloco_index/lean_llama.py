@@ -4,7 +4,7 @@ At batch 1 a decode step is ~1,000 small kernels around the weight reads; on an 
 more than the reads (8 ms/token where the weights take 4.5 ms). Compared with the transformers
 modules this forward launches about a third fewer per layer, with the same arithmetic:
 
-- RMSNorm is one ``F.rms_norm``; the residual adds ride in the ``addmm`` of o_proj and down_proj;
+- RMSNorm is one ``F.rms_norm``; the residual adds ride in o_proj's and down_proj's GEMMs (``addmm_``);
 - rotary runs once over q and k together, as ``roll`` + ``addcmul`` (rotate_half(x) = roll(x) * sign);
 - a LoRA adapter costs two GEMMs per projection (``x @ A``, then ``addmm`` into the output with the
   scaled B) instead of PEFT's cast/A/B/scale/add and its per-module Python, in the model dtype;
@@ -35,14 +35,15 @@ class _Proj:
     b: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
-        """``x @ W.T (+ bias) (+ add) (+ x @ A.T @ B.T)`` for 2-D ``x``."""
+        """``x @ W.T (+ bias) (+ add) (+ x @ A.T @ B.T)`` for 2-D ``x``; ``add`` is updated in place
+        (one GEMM accumulating into it, where an out-of-place ``addmm`` would first copy it)."""
         if add is not None and self.bias is None:
-            y = torch.addmm(add, x, self.w.t())
+            y = add.addmm_(x, self.w.t())
         else:
             y = F.linear(x, self.w, self.bias)
-            y = y if add is None else y + add
+            y = y if add is None else y.add_(add)
         if self.a is not None:
-            y = torch.addmm(y, x @ self.a.t(), self.b.t())
+            y.addmm_(x @ self.a.t(), self.b.t())
         return y
 
 
@@ -104,7 +105,8 @@ class LeanLlama:
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, cache, mask: torch.Tensor | None,
                  split: int = 0) -> torch.Tensor:
-        """Logits ``[b, vocab]`` of the last position of ``x`` ``[b, T, hidden]``.
+        """Logits ``[b, vocab]`` of the last position of ``x`` ``[b, T, hidden]`` (consumed: the residual
+        stream is accumulated in place, possibly in ``x``'s storage).
 
         ``mask``: None = causal without padding (flash); ``[b, 1, T, T]`` bool for a padded prompt;
         ``[b, 1, 1, L]`` additive float for one decode token over the whole static cache.

@@ -93,7 +93,7 @@ def test_runners_are_reused_across_calls(sharp_backbone):
     pool = list(fast.fast._idle)
     second = _ids(fast, _prompts(sharp_backbone, (10,)), cfg)
     assert first == second and list(fast.fast._idle) == pool and len(pool) == 1
-    assert set(fast.fast.last_timing) == {"prefill_s", "decode_s", "attention_split"}
+    assert set(fast.fast.last_timing) == {"prefill_s", "decode_s", "attention_split", "lean"}
 
 
 @pytest.mark.parametrize("lean", [True, False])
