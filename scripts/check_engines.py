@@ -1,6 +1,7 @@
 """Why fast and eager greedy tokens can part in bf16: compare each engine's logits with fp32 ones.
 
-Teacher-forces the fp32 greedy answer of the default model through the eager loop, the fast engine's
+Checks that in fp32 the engines give the same greedy tokens, then teacher-forces the fp32 greedy
+answer of the default model through the eager loop, the fast engine's
 lean forward and its transformers-modules forward, all in bf16, and prints the fp32 top-1/top-2
 margin per step next to each engine's relative logit error and argmax agreement. CPU is enough:
 
@@ -52,6 +53,12 @@ def main() -> None:
     for state in gen._decode([pieces], GenerationConfig(max_new_tokens=args.tokens), None):
         pass
     tokens = state[0][0]
+    for lean in (True, False):  # in fp32 the engines agree token for token
+        fast = Generator(ref, fast=True)
+        fast.fast.config.lean, fast.eos_ids = lean, []
+        for state in fast._decode([pieces], GenerationConfig(max_new_tokens=args.tokens), None):
+            pass
+        print(f"fp32 fast ({'lean' if lean else 'transformers'}) greedy tokens equal to eager: {state[0][0] == tokens}")
     want = eager_logits(ref, gen.embed_pieces(pieces)[None], tokens)
     top2 = want.topk(2, -1).values
     print("fp32 top-1 minus top-2 logit per step:", [round(float(a - b), 3) for a, b in top2])
