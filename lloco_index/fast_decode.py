@@ -132,9 +132,14 @@ class _Runner:
         b, width = mask.shape
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         self.cache.begin_prefill()
+        logits = None
         if self.lean is not None:
-            logits = self.lean(x, pos, self.cache, prefill_mask(mask))
-        else:
+            try:
+                logits = self.lean(x.clone(), pos, self.cache, prefill_mask(mask))
+            except Exception as e:  # never lose an answer to the lean path: the transformers modules take over
+                self._drop_lean(e)
+                self.cache.begin_prefill()
+        if logits is None:
             with patched(self.bb, None, self.norms):
                 logits = self.bb.forward_mixed([self.adapter] * b, inputs_embeds=x, attention_mask=mask,
                                                position_ids=pos, past_key_values=self.cache, use_cache=True,
@@ -163,8 +168,13 @@ class _Runner:
         self.pos.add_(1)
         self.slot.add_(1)
 
-    def _capture(self) -> None:
-        """Warm up on a side stream, capture one step, then restore the state the warm-up advanced."""
+    def _drop_lean(self, error: Exception | str) -> None:
+        self.lean, self.lean_reason = None, f"failed here, transformers modules used: {error}"
+        logger.warning("lean LLaMA forward %s", self.lean_reason)
+
+    def _capture(self) -> str | None:
+        """Warm up on a side stream, capture one step, then restore the state the warm-up advanced.
+        Returns the error that made capture fail (decoding then runs eagerly, still static-cache)."""
         state = (self.tok, self.pos, self.slot, self.mask)
         saved = [t.clone() for t in state]
         self.bb.lock.acquire()  # no other thread may launch work while the stream is being captured
@@ -179,10 +189,11 @@ class _Runner:
             with torch.cuda.graph(graph):
                 self._body()
             self.graph = graph
-        except Exception as e:  # run eagerly (still static-cache) rather than fail the request
-            self.graph_error = f"{type(e).__name__}: {e}"
-            logger.warning("CUDA graph capture failed, decoding eagerly: %s", self.graph_error)
+            return None
+        except Exception as e:
+            logger.warning("CUDA graph capture failed: %s", e)
             torch.cuda.synchronize()
+            return f"{type(e).__name__}: {e}"
         finally:
             self.bb.lock.release()
             for t, s in zip(state, saved):
@@ -190,11 +201,20 @@ class _Runner:
 
     def step(self, index: int, sample: Sampler, greedy: bool) -> None:
         if self.use_graph and self.graph is None and self.graph_error is None:
-            self._capture()
+            self.graph_error = self._capture()
+            if self.graph_error and self.lean is not None:  # retry through the transformers modules
+                self._drop_lean(f"capture: {self.graph_error}")
+                self.graph_error = self._capture()
         if self.graph is not None:
             self.graph.replay()
         else:
-            self._body()
+            try:
+                self._body()
+            except Exception as e:  # a failed step stops before advancing any state: redo it
+                if self.lean is None:
+                    raise
+                self._drop_lean(e)
+                self._body()
         if not greedy:
             self.tok.copy_(sample(self.logits)[:, None])
         self.out[:, index] = self.tok[:, 0]
@@ -217,7 +237,7 @@ class FastDecoder:
         self._pool_lock = threading.Lock()  # a runner serves one decode at a time
         self._splits: dict[tuple[int, int], int] = {}
         self.last_timing: dict = {}  # prefill_s, decode_s, attention_split, lean of the last full decode
-        self.graph_errors: list[str] = []
+        self.graph_errors: list[str] = []  # capture failures and lean-forward failures (both fall back)
 
     @property
     def uses_graphs(self) -> bool:
@@ -271,8 +291,10 @@ class FastDecoder:
                 done = target
         finally:
             for _, key, runner in runners:
-                if runner.graph_error and runner.graph_error not in self.graph_errors:
-                    self.graph_errors.append(runner.graph_error)
+                failed_lean = runner.lean_reason if (runner.lean_reason or "").startswith("failed") else None
+                for error in (runner.graph_error, failed_lean):
+                    if error and error not in self.graph_errors:
+                        self.graph_errors.append(error)
                 self._release(key, runner)
 
     def _acquire(self, adapter: str | None, batch: int, positions: int) -> tuple[tuple, _Runner]:

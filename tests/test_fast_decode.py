@@ -11,17 +11,22 @@ from lloco_index.fast_decode import FastDecodeConfig, FastDecoder
 from lloco_index.generation import GenerationConfig, Generator
 
 
-@pytest.fixture(scope="module")
-def sharp_backbone(tiny_model_dir):
+def _sharpened(model_dir, seed: int) -> Backbone:
     """The tiny LLaMA with larger random weights: outputs vary token to token, so a divergence shows."""
-    from peft import LoraConfig
-
-    bb = Backbone.from_pretrained(str(tiny_model_dir), device="cpu")
-    torch.manual_seed(0)
+    bb = Backbone.from_pretrained(str(model_dir), device="cpu")
+    torch.manual_seed(seed)
     with torch.no_grad():
         for p in bb.model.parameters():
             if p.ndim == 2:
                 p.normal_(0, 0.15)
+    return bb
+
+
+@pytest.fixture(scope="module")
+def sharp_backbone(tiny_model_dir):
+    from peft import LoraConfig
+
+    bb = _sharpened(tiny_model_dir, 0)
     for name, seed in (("alpha", 1), ("beta", 2)):
         torch.manual_seed(seed)
         bb.add_adapter(name, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
@@ -173,12 +178,7 @@ def test_lean_step_launches_fewer_kernels(sharp_backbone):
 def test_unsupported_adapter_falls_back_and_updated_adapter_is_picked_up(tiny_model_dir):
     from peft import LoraConfig
 
-    bb = Backbone.from_pretrained(str(tiny_model_dir), device="cpu")
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in bb.model.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.15)
+    bb = _sharpened(tiny_model_dir, 3)
     bb.add_adapter("dora", LoraConfig(r=4, target_modules=["q_proj"], use_dora=True, init_lora_weights=False))
     bb.add_adapter("plain", LoraConfig(r=4, target_modules=["v_proj"], init_lora_weights=False))
     bb.model.eval()
@@ -195,3 +195,24 @@ def test_unsupported_adapter_falls_back_and_updated_adapter_is_picked_up(tiny_mo
                 p.mul_(-3)
     after = _ids(fast, prompts, cfg, "plain")
     assert after == _ids(eager, prompts, cfg, "plain") and after != before
+
+
+@pytest.mark.parametrize("fail_when", ["always", "decoding"])
+def test_a_failing_lean_forward_falls_back_to_the_transformers_modules(sharp_backbone, monkeypatch, fail_when):
+    from lloco_index.lean_llama import LeanLlama
+
+    eager, fast = Generator(sharp_backbone, fast=False), Generator(sharp_backbone, fast=True)
+    eager.eos_ids = fast.eos_ids = []
+    cfg, prompts = GenerationConfig(max_new_tokens=8), _prompts(sharp_backbone, (5, 9))
+    want = _ids(eager, prompts, cfg, "alpha")
+    real = LeanLlama.__call__
+
+    def flaky(self, x, *args, **kwargs):
+        if fail_when == "always" or x.shape[1] == 1:
+            raise RuntimeError("unsupported here")
+        return real(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(LeanLlama, "__call__", flaky)
+    assert _ids(fast, prompts, cfg, "alpha") == want
+    assert fast.fast.graph_errors == ["failed here, transformers modules used: unsupported here"]
+    assert fast.fast.last_timing["lean"] is False
