@@ -250,7 +250,7 @@ def summary_tables(report: dict) -> str:
         if lat:
             ms = [{**r, "ms": r["latency_s"] * 1e3, "roof ms": r["roofline_s"] * 1e3} if "latency_s" in r else r
                   for r in lat.get("rows", [])]
-            parts.append(markdown_table(ms, ["source_tokens", "case", "positions", "engine", "ms", "roof ms",
+            parts.append(markdown_table(ms, ["source_tokens", "case", "positions", "engine", "lean", "ms", "roof ms",
                                              "x_roofline", "prefill_x_roofline", "decode_x_roofline", "ms_per_token",
                                              "skipped", "error"]))
             parts.append(markdown_table(lat.get("speedups", []),
