@@ -15,20 +15,19 @@ Random-weight shapes time kernels only; EOS is ignored so every run produces exa
 from __future__ import annotations
 
 import json
-import math
 import platform
 import sys
 import time
 import traceback
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .bench_utils import (SHAPES, Cost, Shape, build_backbone, measure_bandwidth, measure_peak_flops, median,
-                          summary_tables, sync, timed)
+from .bench_utils import (SHAPES, Cost, Ctx, attempt, build_backbone, measure_bandwidth, measure_peak_flops, median,
+                          say, summary_tables, sync, timed)
 from .generation import GenerationConfig, Generator
 
 SECTIONS = ("latency", "compress", "serve", "finetune")  # run in this order (finetune changes model state last)
@@ -64,45 +63,6 @@ class BenchConfig:
             raise ValueError("need --new-tokens >= 2, --reps >= 1 and at least one adapter")
 
 
-@dataclass
-class Ctx:
-    cfg: BenchConfig
-    device: torch.device
-    peak: float
-    bandwidth: float
-    start: float
-    shape: Shape = field(default=None)
-    bb: object = None
-    cost: Cost = None
-
-    def left(self) -> float:
-        return self.cfg.budget_s - (time.perf_counter() - self.start)
-
-    def fits(self, nbytes: float) -> tuple[bool, str]:
-        """Whether ``nbytes`` more device memory is free (CPU: always)."""
-        if self.device.type != "cuda":
-            return True, ""
-        torch.cuda.empty_cache()
-        free = torch.cuda.mem_get_info(self.device)[0]
-        ok = nbytes * 1.1 < free
-        return ok, "" if ok else f"needs ~{nbytes / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
-
-    def rand_ids(self, n: int, batch: int | None = None) -> torch.Tensor:
-        vocab = self.bb.model.get_input_embeddings().weight.shape[0]
-        return torch.randint(1, vocab, (n,) if batch is None else (batch, n), device=self.device)
-
-    def vectors(self, n: int) -> torch.Tensor:
-        """Stand-in compressed vectors (random, at the embedding scale)."""
-        return torch.randn(n, self.bb.hidden_size, device=self.device, dtype=self.bb.dtype) * 0.02
-
-    def lloco_positions(self, source: int, seg: int, k: int) -> int:
-        return math.ceil(source / seg) * k
-
-
-def _say(msg: str) -> None:
-    print(msg, flush=True)
-
-
 def _generators(bb, **fast_options) -> tuple[Generator, Generator]:
     fast, eager = Generator(bb, fast=True), Generator(bb, fast=False)
     for k, v in fast_options.items():
@@ -135,23 +95,32 @@ def _answer_row(ctx: Ctx, row: dict, gen: Generator, pieces: Callable[[], list],
         row["skipped"] = "time budget spent"
     label = f"  latency {row['case']} S={row['source_tokens']} {row['engine']}"
     if "skipped" in row:
-        _say(f"{label}: skipped ({row['skipped']})")
+        say(f"{label}: skipped ({row['skipped']})")
         return row
     results, gen_cfg = [], GenerationConfig(max_new_tokens=c.new_tokens)
     reps = c.reps if positions < 20000 else max(2, c.reps - 1)
-    times = timed(lambda: results.append(gen.generate([pieces()], gen_cfg, adapter)[0]), ctx.device, reps)
-    assert all(r.new_tokens == c.new_tokens for r in results), "engine stopped early"
+    times = attempt(row, label, lambda: timed(lambda: results.append(gen.generate([pieces()], gen_cfg, adapter)[0]),
+                                               ctx.device, reps))
+    if gen.fast is not None:
+        gen.fast.clear()  # free this case's cache before the next one
+    if times is None:
+        return row
+    if any(r.new_tokens != c.new_tokens for r in results):
+        row["error"] = "engine stopped before N tokens"
+        return row
     pre_roof, dec_roof = cost.roofline(positions, c.new_tokens, ctx.peak, ctx.bandwidth)
     row.update(latency_s=median(times), times_s=times, roofline_s=pre_roof + dec_roof, roofline_prefill_s=pre_roof,
                roofline_decode_s=dec_roof)
     row["x_roofline"] = row["latency_s"] / row["roofline_s"]
     if not eager:
         t = gen.fast.last_timing
-        row.update(prefill_s=t["prefill_s"], decode_s=t["decode_s"], ms_per_token=1e3 * t["decode_s"] / (c.new_tokens - 1),
+        row.update(prefill_s=t["prefill_s"], decode_s=t["decode_s"],
+                   ms_per_token=1e3 * t["decode_s"] / (c.new_tokens - 1),
                    prefill_x_roofline=t["prefill_s"] / pre_roof, decode_x_roofline=t["decode_s"] / dec_roof,
-                   attention_split=t["attention_split"], cuda_graphs=gen.fast.uses_graphs and not gen.fast.graph_errors)
-        gen.fast.clear()  # free this case's cache before the next one
-    _say(f"{label}: {row['latency_s'] * 1e3:.1f} ms ({row['x_roofline']:.2f}x roofline {row['roofline_s'] * 1e3:.1f} ms)")
+                   attention_split=t["attention_split"], lean=t["lean"],
+                   cuda_graphs=gen.fast.uses_graphs and not gen.fast.graph_errors)
+    say(f"{label}: {row['latency_s'] * 1e3:.1f} ms "
+        f"({row['x_roofline']:.2f}x roofline {row['roofline_s'] * 1e3:.1f} ms)")
     return row
 
 
@@ -172,24 +141,30 @@ def _agreement(ctx: Ctx, fast: Generator, eager: Generator) -> dict:
         ids.append(state[0][0])
     fast.fast.clear()
     same = next((i for i, (a, b) in enumerate(zip(*ids)) if a != b), len(ids[0]))
-    _say(f"  fast vs eager greedy tokens: {same}/{len(ids[0])} identical before the first difference")
+    say(f"  fast vs eager greedy tokens: {same}/{len(ids[0])} identical before the first difference")
     return {"new_tokens": len(ids[0]), "common_prefix_tokens": same, "tokens_equal": ids[0] == ids[1]}
 
 
-def section_latency(ctx: Ctx) -> dict:
+def section_latency(ctx: Ctx, out: dict) -> None:
     from peft import LoraConfig
 
     c, bb = ctx.cfg, ctx.bb
     fast, eager = _generators(bb)
-    agreement = _agreement(ctx, fast, eager)
+    fast_hf, _ = _generators(bb, lean=False)  # the same engine through the transformers modules, for reference
+    out.update(rows=[], speedups=[], engine_agreement={}, graph_errors=fast.fast.graph_errors)
+    agreement = attempt(out["engine_agreement"], "  fast vs eager agreement", lambda: _agreement(ctx, fast, eager))
+    out["engine_agreement"].update(agreement or {})
     lengths = c.lengths or ctx.shape.lengths
     lloco_cases = [(f"lloco {seg}->{k}", seg, k) for seg, k in ctx.shape.ratios]
-    rows = []
+    rows = out["rows"]
     for source in lengths:
-        for case, ctx_pos in [("full", source)] + [(n, ctx.lloco_positions(source, seg, k)) for n, seg, k in lloco_cases]:
+        cases = [("full", source)] + [(n, ctx.lloco_positions(source, seg, k)) for n, seg, k in lloco_cases]
+        for case, ctx_pos in cases:
             pieces = _prompt(ctx, case, ctx_pos)
-            for engine, gen in (("fast", fast), ("eager", eager)):
-                row = {"source_tokens": source, "case": case, "positions": ctx_pos + c.question_tokens, "engine": engine}
+            engines = [("fast", fast), ("eager", eager)] + ([("fast-hf", fast_hf)] if case != "full" else [])
+            for engine, gen in engines:
+                row = {"source_tokens": source, "case": case, "positions": ctx_pos + c.question_tokens,
+                       "engine": engine}
                 rows.append(_answer_row(ctx, row, gen, pieces))
     # as deployed, LLoCO answers through its LoRA decoder adapter (PEFT, unmerged): time those cases again with one
     bb.add_adapter(LATENCY_ADAPTER, LoraConfig(r=8, lora_alpha=16, target_modules=QKVO.split(","),
@@ -198,25 +173,26 @@ def section_latency(ctx: Ctx) -> dict:
     for source in lengths:
         for case, seg, k in lloco_cases:
             ctx_pos = ctx.lloco_positions(source, seg, k)
-            row = {"source_tokens": source, "case": case, "positions": ctx_pos + c.question_tokens, "engine": "fast+lora"}
+            row = {"source_tokens": source, "case": case, "positions": ctx_pos + c.question_tokens,
+                   "engine": "fast+lora"}
             rows.append(_answer_row(ctx, row, fast, _prompt(ctx, case, ctx_pos), LATENCY_ADAPTER))
     lat = {(r["source_tokens"], r["case"], r["engine"]): r["latency_s"] for r in rows if "latency_s" in r}
-    speedups = []
+    speedups = out["speedups"]
     for (source, case, engine), t in lat.items():
         if case != "full" and engine != "eager" and (source, "full", "fast") in lat:
             s = {"source_tokens": source, "case": case, "engine": engine, "speedup": lat[(source, "full", "fast")] / t}
             if (source, "full", "eager") in lat:
                 s["speedup_vs_eager_full"] = lat[(source, "full", "eager")] / t
             speedups.append(s)
-            _say(f"  speed-up {case} ({engine}) vs full (fast) at S={source}: {s['speedup']:.2f}x")
-    return {"rows": rows, "speedups": speedups, "engine_agreement": agreement, "graph_errors": fast.fast.graph_errors}
+            say(f"  speed-up {case} ({engine}) vs full (fast) at S={source}: {s['speedup']:.2f}x")
+    out["graph_errors"] = fast.fast.graph_errors + fast_hf.fast.graph_errors
 
 
-def section_compress(ctx: Ctx) -> dict:
+def section_compress(ctx: Ctx, out: dict) -> None:
     from .compressor import CompressorConfig, ContextCompressor
 
     c, bb, cost = ctx.cfg, ctx.bb, ctx.cost
-    rows = []
+    rows = out.setdefault("rows", [])
     for seg, k in ctx.shape.ratios[:1]:
         comp = ContextCompressor(bb, CompressorConfig(base_model=bb.name_or_path, segment_tokens=seg, summary_tokens=k,
                                                       hidden_size=bb.hidden_size), ctx.vectors(k).float())
@@ -225,19 +201,23 @@ def section_compress(ctx: Ctx) -> dict:
                 rows.append({"segment": seg, "summary": k, "batch": batch, "skipped": "time budget spent"})
                 continue
             segs = ctx.rand_ids(seg, batch).tolist()
+            row = {"segment": seg, "summary": k, "batch": batch}
             with torch.inference_mode():
-                times = timed(lambda: comp.encode_segments(segs), ctx.device, c.reps)
+                times = attempt(row, f"  compress batch {batch}", lambda: timed(lambda: comp.encode_segments(segs),
+                                                                                  ctx.device, c.reps))
+            if times is None:
+                rows.append(row)
+                continue
             t = median(times)
             flops = batch * cost.forward_flops(seg + k, logits=0)
-            rows.append({"segment": seg, "summary": k, "batch": batch, "seconds": t, "times_s": times,
+            rows.append({**row, "seconds": t, "times_s": times,
                          "source_tokens_per_s": batch * seg / t, "tflops": flops / t / 1e12,
                          "mfu": flops / t / ctx.peak})
-            _say(f"  compress {seg}->{k} batch {batch}: {batch * seg / t:,.0f} source tokens/s, "
+            say(f"  compress {seg}->{k} batch {batch}: {batch * seg / t:,.0f} source tokens/s, "
                  f"MFU {rows[-1]['mfu']:.1%}")
-    return {"rows": rows}
 
 
-def section_serve(ctx: Ctx) -> dict:
+def section_serve(ctx: Ctx, out: dict) -> None:
     from peft import LoraConfig
 
     c, bb = ctx.cfg, ctx.bb
@@ -260,26 +240,30 @@ def section_serve(ctx: Ctx) -> dict:
         for p, a in zip(prompts, adapters):
             fast.generate([p], gen_cfg, [a])
 
-    modes = [("fast engine, one batch (a CUDA graph per adapter group)", lambda: fast.generate(prompts, gen_cfg, adapters)),
-             ("eager engine, one batch (PEFT mixed-adapter forward)", lambda: eager.generate(prompts, gen_cfg, adapters)),
+    modes = [("fast engine, one batch (a CUDA graph per adapter group)",
+              lambda: fast.generate(prompts, gen_cfg, adapters)),
+             ("eager engine, one batch (PEFT mixed-adapter forward)",
+              lambda: eager.generate(prompts, gen_cfg, adapters)),
              ("fast engine, one question at a time", one_by_one)]
-    rows = []
+    rows = out.setdefault("rows", [])
+    out["graph_errors"] = fast.fast.graph_errors
     for mode, fn in modes:
         row = {"mode": mode, "questions": c.serve_questions, "adapters": len(names), "context_positions": n_ctx}
         if ctx.left() < 0:
             rows.append({**row, "skipped": "time budget spent"})
             continue
-        reps = 1 if "one question" in mode else c.reps
-        times = timed(fn, ctx.device, reps)
+        times = attempt(row, f"  serve {mode}", lambda: timed(fn, ctx.device, 1 if "one question" in mode else c.reps))
+        fast.fast.clear()
+        if times is None:
+            rows.append(row)
+            continue
         t = median(times)
         rows.append({**row, "seconds": t, "times_s": times, "questions_per_s": c.serve_questions / t,
                      "new_tokens_per_s": c.serve_questions * c.new_tokens / t})
-        _say(f"  serve {mode}: {c.serve_questions / t:.2f} questions/s")
-        fast.fast.clear()
-    return {"rows": rows, "graph_errors": fast.fast.graph_errors}
+        say(f"  serve {mode}: {c.serve_questions / t:.2f} questions/s")
 
 
-def section_finetune(ctx: Ctx) -> dict:
+def section_finetune(ctx: Ctx, out: dict) -> None:
     from .train import DECODER_ADAPTER, _lora, answer_loss
 
     c, bb = ctx.cfg, ctx.bb
@@ -314,7 +298,8 @@ def section_finetune(ctx: Ctx) -> dict:
     for source in (c.finetune_source, c.finetune_source // 2, c.finetune_source // 4):
         attempts.append((f"full {source}", 1, source + extra,
                          lambda source=source: batch_for(bb.embed(ctx.rand_ids(source + extra))[None])))
-    rows, full_done = [], False
+    out.update(rows=[], gradient_checkpointing=True, lora="r=8, alpha=16, q/k/v/o")
+    rows, full_done = out["rows"], False
     try:
         for name, batch, positions, make in attempts:
             if name.startswith("full") and full_done:
@@ -324,21 +309,20 @@ def section_finetune(ctx: Ctx) -> dict:
             if ctx.left() < 0:
                 rows.append({**row, "skipped": "time budget spent"})
                 continue
-            try:
-                x, labels = make()
-                times = timed(lambda: step(x, labels), ctx.device, c.reps if batch * positions < 20000 else 2)
-            except torch.cuda.OutOfMemoryError as e:
+            reps = c.reps if batch * positions < 20000 else 2
+            times = attempt(row, f"  finetune {name}", lambda: timed(lambda: step(*make()), ctx.device, reps))
+            if times is None:  # out of memory on a full context: the next, shorter one is tried
                 opt.zero_grad(set_to_none=True)
-                rows.append({**row, "skipped": f"out of memory: {str(e).splitlines()[0]}"})
-                _say(f"  finetune {name}: out of memory, trying a shorter full context")
-                x = labels = None
-                torch.cuda.empty_cache()
+                rows.append(row)
+                if ctx.device.type == "cuda":
+                    torch.cuda.empty_cache()
                 continue
             t = median(times)
             full_done = full_done or name.startswith("full")
             rows.append({**row, "seconds_per_step": t, "times_s": times, "examples_per_s": batch / t,
-                         "positions_per_s": batch * positions / t, "source_tokens_per_s": batch * row["source_tokens"] / t})
-            _say(f"  finetune {name}: {batch / t:.3f} examples/s ({batch * positions / t:,.0f} positions/s)")
+                         "positions_per_s": batch * positions / t,
+                         "source_tokens_per_s": batch * row["source_tokens"] / t})
+            say(f"  finetune {name}: {batch / t:.3f} examples/s ({batch * positions / t:,.0f} positions/s)")
     finally:
         bb.model.gradient_checkpointing_disable()
         bb.model.eval()
@@ -347,8 +331,7 @@ def section_finetune(ctx: Ctx) -> dict:
     comp = max((r["examples_per_s"] for r in rows if r["case"] == "compressed" and "examples_per_s" in r), default=None)
     full = next((r for r in rows if r["case"].startswith("full") and "examples_per_s" in r), None)
     ratio = comp / full["examples_per_s"] if full and comp else None
-    return {"rows": rows, "gradient_checkpointing": True, "lora": "r=8, alpha=16, q/k/v/o",
-            "throughput_ratio": ratio, "ratio_full_case": full["case"] if full else None}
+    out.update(throughput_ratio=ratio, ratio_full_case=full["case"] if full else None)
 
 
 SECTION_FUNCS = {"latency": section_latency, "compress": section_compress, "serve": section_serve,
@@ -367,7 +350,7 @@ def run_bench(cfg: BenchConfig) -> dict:
                        "note": "random-weight shapes: timing only"}, "shapes": {}}
     peak, bw = measure_peak_flops(device), measure_bandwidth(device)
     report["meta"].update(peak_tflops=peak / 1e12, bandwidth_gbs=bw / 1e9)
-    _say(f"device {report['meta']['device']}: measured {peak / 1e12:.1f} TFLOP/s matmul, {bw / 1e9:.0f} GB/s copy")
+    say(f"device {report['meta']['device']}: measured {peak / 1e12:.1f} TFLOP/s matmul, {bw / 1e9:.0f} GB/s copy")
     ctx = Ctx(cfg, device, peak, bw, start)
     out = Path(cfg.out)
     for name in cfg.shapes:
@@ -375,6 +358,9 @@ def run_bench(cfg: BenchConfig) -> dict:
         lengths = cfg.lengths or shape.lengths
         res: dict = {"errors": {}}
         report["shapes"][name] = res
+        if ctx.left() < 0:
+            res["skipped"] = "time budget spent"
+            continue
         try:
             t0 = time.perf_counter()
             bb = build_backbone(shape, device, max(lengths + (cfg.serve_source, cfg.finetune_source))
@@ -383,7 +369,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             ctx.shape, ctx.bb, ctx.cost = shape, bb, Cost.of(bb.model)
             res["model"] = {"name": bb.name_or_path, "random_weights": shape.random, "dtype": str(bb.dtype),
                             "build_s": time.perf_counter() - t0, **asdict(ctx.cost)}
-            _say(f"shape {name}: {bb.name_or_path}, {ctx.cost.linear_params / 1e9:.2f}B layer weights, "
+            say(f"shape {name}: {bb.name_or_path}, {ctx.cost.linear_params / 1e9:.2f}B layer weights, "
                  f"built in {res['model']['build_s']:.1f}s")
         except Exception as e:
             res["errors"]["build"] = f"{type(e).__name__}: {e}"
@@ -391,9 +377,9 @@ def run_bench(cfg: BenchConfig) -> dict:
             out.write_text(json.dumps(report, indent=1, default=str))
             continue
         for section in (s for s in SECTIONS if s in cfg.sections):
-            _say(f"[{name}] {section}")
+            say(f"[{name}] {section}")
             try:
-                res[section] = SECTION_FUNCS[section](ctx)
+                SECTION_FUNCS[section](ctx, res.setdefault(section, {}))  # partial results survive an error
             except Exception as e:  # record and go on: one shot on the device
                 res["errors"][section] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()
@@ -402,5 +388,5 @@ def run_bench(cfg: BenchConfig) -> dict:
         ctx.bb = bb = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    _say(summary_tables(report))
+    say(summary_tables(report))
     return report

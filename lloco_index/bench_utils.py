@@ -6,14 +6,19 @@ never taken from a datasheet; every roofline below is relative to those two numb
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
-from dataclasses import dataclass
-from typing import Callable
+import traceback
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from .backbone import Backbone
+
+if TYPE_CHECKING:
+    from .bench import BenchConfig
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,58 @@ def build_backbone(shape: Shape, device: torch.device, max_positions: int) -> Ba
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
     return Backbone(model, StubTokenizer(), f"random-llama-{shape.name}")
+
+
+@dataclass
+class Ctx:
+    """What the sections share: the config, the measured ceilings, the current shape's model and cost."""
+
+    cfg: BenchConfig
+    device: torch.device
+    peak: float
+    bandwidth: float
+    start: float
+    shape: Shape = field(default=None)
+    bb: object = None
+    cost: Cost = None
+
+    def left(self) -> float:
+        return self.cfg.budget_s - (time.perf_counter() - self.start)
+
+    def fits(self, nbytes: float) -> tuple[bool, str]:
+        """Whether ``nbytes`` more device memory is free (CPU: always)."""
+        if self.device.type != "cuda":
+            return True, ""
+        torch.cuda.empty_cache()
+        free = torch.cuda.mem_get_info(self.device)[0]
+        ok = nbytes * 1.1 < free
+        return ok, "" if ok else f"needs ~{nbytes / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
+
+    def rand_ids(self, n: int, batch: int | None = None) -> torch.Tensor:
+        vocab = self.bb.model.get_input_embeddings().weight.shape[0]
+        return torch.randint(1, vocab, (n,) if batch is None else (batch, n), device=self.device)
+
+    def vectors(self, n: int) -> torch.Tensor:
+        """Stand-in compressed vectors (random, at the embedding scale)."""
+        return torch.randn(n, self.bb.hidden_size, device=self.device, dtype=self.bb.dtype) * 0.02
+
+    def lloco_positions(self, source: int, seg: int, k: int) -> int:
+        return math.ceil(source / seg) * k
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def attempt(row: dict, label: str, fn: Callable[[], list[float]]) -> list[float] | None:
+    """Run one measurement; on failure note the error in ``row`` and let the section go on."""
+    try:
+        return fn()
+    except Exception as e:  # one shot on the device: a failed case must not cost the others
+        row["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        traceback.print_exc()
+        say(f"{label}: ERROR {row['error']}")
+        return None
 
 
 def sync(device: torch.device) -> None:
@@ -167,7 +224,7 @@ class Cost:
         return 2 * self.layers * self.kv_dim * positions * self.dtype_bytes * batch
 
     def roofline(self, positions: int, new_tokens: int, peak: float, bandwidth: float) -> tuple[float, float]:
-        """(prefill, decode) floors in seconds for one prompt: FLOPs / peak and (new_tokens - 1) steps of bytes / bandwidth."""
+        """(prefill, decode) floors in seconds: FLOPs / peak, and (new_tokens - 1) steps of bytes / bandwidth."""
         steps = max(new_tokens - 1, 0)
         return self.forward_flops(positions) / peak, steps * self.decode_bytes(positions + new_tokens // 2) / bandwidth
 
@@ -184,28 +241,29 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def summary_tables(report: dict) -> str:
-    """Markdown tables of a ``lloco bench`` report (also ``lloco bench --render FILE``)."""
+    """Markdown tables of a ``lloco bench`` report, partial or whole (also ``lloco bench --render FILE``)."""
     meta = report["meta"]
-    parts = [f"\n## {meta['device']} — {meta['peak_tflops']:.1f} TFLOP/s, {meta['bandwidth_gbs']:.0f} GB/s (measured)"]
+    parts = [f"\n## {meta['device']}: {meta['peak_tflops']:.1f} TFLOP/s, {meta['bandwidth_gbs']:.0f} GB/s (measured)"]
     for name, res in report["shapes"].items():
-        parts.append(f"\n### {name} ({res.get('model', {}).get('name', '?')})")
-        if "latency" in res:
+        parts.append(f"\n### {name} ({res.get('model', {}).get('name', '?')}) {res.get('skipped', '')}")
+        lat = res.get("latency", {})
+        if lat:
             ms = [{**r, "ms": r["latency_s"] * 1e3, "roof ms": r["roofline_s"] * 1e3} if "latency_s" in r else r
-                  for r in res["latency"]["rows"]]
-            parts.append(markdown_table(ms,
-                                        ["source_tokens", "case", "positions", "engine", "ms", "roof ms", "x_roofline",
-                                         "prefill_x_roofline", "decode_x_roofline", "ms_per_token", "skipped"]))
-            parts.append(markdown_table(res["latency"]["speedups"],
+                  for r in lat.get("rows", [])]
+            parts.append(markdown_table(ms, ["source_tokens", "case", "positions", "engine", "lean", "ms", "roof ms",
+                                             "x_roofline", "prefill_x_roofline", "decode_x_roofline", "ms_per_token",
+                                             "skipped", "error"]))
+            parts.append(markdown_table(lat.get("speedups", []),
                                         ["source_tokens", "case", "engine", "speedup", "speedup_vs_eager_full"]))
-            agree = res["latency"]["engine_agreement"]
-            parts.append(f"fast vs eager greedy tokens: {agree['common_prefix_tokens']}/{agree['new_tokens']} identical "
-                         f"before the first difference; CUDA graph errors: {res['latency']['graph_errors'] or 'none'}")
+            agree = lat.get("engine_agreement", {})
+            parts.append(f"fast vs eager greedy tokens: {agree.get('common_prefix_tokens', '?')}/"
+                         f"{agree.get('new_tokens', '?')} identical before the first difference "
+                         f"{agree.get('error', '')}; CUDA graph errors: {lat.get('graph_errors') or 'none'}")
         for section, cols in (("compress", ["segment", "summary", "batch", "source_tokens_per_s", "tflops", "mfu"]),
                               ("serve", ["mode", "questions", "adapters", "questions_per_s", "new_tokens_per_s"]),
-                              ("finetune", ["case", "batch", "positions", "examples_per_s", "positions_per_s",
-                                            "skipped"])):
-            if section in res:
-                parts.append(markdown_table(res[section]["rows"], cols))
+                              ("finetune", ["case", "batch", "positions", "examples_per_s", "positions_per_s"])):
+            if res.get(section, {}).get("rows"):
+                parts.append(markdown_table(res[section]["rows"], cols + ["skipped", "error"]))
         if res.get("finetune", {}).get("throughput_ratio"):
             parts.append(f"finetuning throughput ratio (compressed / {res['finetune']['ratio_full_case']}): "
                          f"{res['finetune']['throughput_ratio']:.2f}x")

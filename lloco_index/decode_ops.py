@@ -3,11 +3,13 @@
 ``decode_attention``: one query token against a whole static cache (SDPA, or split-K matmuls that
 spread a long cache over many thread blocks); ``autotune_split`` picks between them by timing on
 the device. ``patched``: routes attention through it and runs RMSNorm as one ``F.rms_norm`` call.
+``Clock``: phase timings without a host sync until they are read.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import contextmanager
 from functools import partial
 from typing import Iterator, Sequence
@@ -23,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 def decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                      split: int = 0, **kwargs):
-    """One query token against a whole static cache with a boolean ``[b, 1, 1, L]`` mask.
+    """One query token against a whole static cache with a ``[b, 1, 1, L]`` mask (bool, or additive float).
 
     ``split=0`` is SDPA. ``split=n`` is plain matmuls (HF eager-attention precision: bf16 scores,
     fp32 softmax) with the value product split ``n`` ways along the cache, so a 32k-token cache is
@@ -32,13 +34,14 @@ def decode_attention(module, query, key, value, attention_mask, dropout: float =
     """
     b, h, q, d = query.shape
     hk, length = key.shape[1], key.shape[2]
-    if split <= 0 or q != 1 or length % split or attention_mask is None or attention_mask.dtype != torch.bool:
+    if split <= 0 or q != 1 or length % split or attention_mask is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     g = h // hk
     scale = d ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query.reshape(b, hk, g, d) * scale, key.transpose(2, 3)).float()
-    scores = scores.masked_fill(~attention_mask.view(b, 1, 1, length), float("-inf"))
+    mask = attention_mask.view(b, 1, 1, length)
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     probs = torch.softmax(scores, dim=-1).to(value.dtype).view(b, hk, g, split, length // split).transpose(2, 3)
     out = torch.matmul(probs, value.view(b, hk, split, length // split, d)).sum(2, dtype=torch.float32)
     return out.to(query.dtype).reshape(b, h, 1, d).transpose(1, 2).contiguous(), None
@@ -99,17 +102,40 @@ def autotune_split(bb: Backbone, batch: int, length: int, candidates: Sequence[i
             try:
                 for _ in range(3):
                     decode_attention(module, q, k, v, mask, split=s)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
+                clock = Clock(dev)
                 for _ in range(10):
                     decode_attention(module, q, k, v, mask, split=s)
-                end.record()
-                end.synchronize()
-                t = start.elapsed_time(end)
+                clock.mark()
+                t = clock.spans("t")["t"]
             except RuntimeError as e:
                 logger.warning("decode attention split=%d failed: %s", s, e)
                 continue
             if t < best_t:
                 best, best_t = s, t
-    logger.info("decode attention for batch %d, cache %d: split=%d (%.3f ms)", batch, length, best, best_t / 10)
+    logger.info("decode attention for batch %d, cache %d: split=%d (%.3f ms)", batch, length, best, best_t * 100)
     return best
+
+
+class Clock:
+    """Phase boundaries: CUDA events on a GPU (no sync until read), wall clock elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+        self.mark()
+
+    def mark(self) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append(ev)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def spans(self, *names: str) -> dict[str, float]:
+        if self.cuda:
+            self.marks[-1].synchronize()
+            gaps = [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        else:
+            gaps = [b - a for a, b in zip(self.marks, self.marks[1:])]
+        return dict(zip(names, gaps))

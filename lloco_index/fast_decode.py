@@ -23,7 +23,8 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .backbone import Backbone
-from .decode_ops import autotune_split, patched, rms_norms, text_config
+from .decode_ops import Clock, autotune_split, patched, rms_norms, text_config
+from .lean_llama import LeanLlama, prefill_mask, support
 
 logger = logging.getLogger(__name__)
 Sampler = Callable[[torch.Tensor], torch.Tensor]  # float logits [b, vocab] -> token ids [b]
@@ -38,6 +39,7 @@ class FastDecodeConfig:
     split: int | None = None  # decode attention: 0 = SDPA, n = matmul with n-way split-K; None = autotune
     autotune_min_len: int = 4096  # CUDA caches at least this long try the split-K matmul attention
     fused_norm: bool = True  # RMSNorm as one F.rms_norm call (one fused kernel on CUDA instead of ~8)
+    lean: bool = True  # LLaMA layers through lean_llama (fewer kernels); other models through transformers
 
 
 class _SlabLayer(CacheLayerMixin):
@@ -104,18 +106,20 @@ class _Runner:
     """Static buffers, cache and (lazily captured) graph for one adapter, batch size and cache length."""
 
     def __init__(self, bb: Backbone, adapter: str | None, batch: int, length: int, use_graph: bool, split: int,
-                 fused_norm: bool):
+                 config: FastDecodeConfig):
         cfg = text_config(bb.model)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         dev = bb.device
         self.bb, self.adapter, self.batch, self.length, self.split = bb, adapter, batch, length, split
-        self.norms = rms_norms(bb.model) if fused_norm else []
+        self.norms = rms_norms(bb.model) if config.fused_norm else []
+        self.lean_reason = support(bb.model, adapter) if config.lean else "disabled"
+        self.lean = LeanLlama(bb.model, adapter) if self.lean_reason is None else None
         self.cache = SlabCache(cfg.num_hidden_layers, batch, kv_heads, length, head_dim, bb.dtype, dev)
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.slot = torch.zeros(1, dtype=torch.long, device=dev)
-        self.mask = torch.zeros(batch, 1, 1, length, dtype=torch.bool, device=dev)
+        self.mask = torch.zeros(batch, 1, 1, length, dtype=bb.dtype, device=dev)  # additive: 0 or dtype min
         vocab = bb.model.get_output_embeddings().weight.shape[0]
         self.logits = torch.zeros(batch, vocab, dtype=torch.float32, device=dev)
         self.out = torch.zeros(batch, 1, dtype=torch.long, device=dev)
@@ -128,31 +132,49 @@ class _Runner:
         b, width = mask.shape
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         self.cache.begin_prefill()
-        with patched(self.bb, None, self.norms):
-            out = self.bb.forward_mixed([self.adapter] * b, inputs_embeds=x, attention_mask=mask, position_ids=pos,
-                                        past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        logits = None
+        if self.lean is not None:
+            try:
+                logits = self.lean(x.clone(), pos, self.cache, prefill_mask(mask))
+            except Exception as e:  # never lose an answer to the lean path: the transformers modules take over
+                self._drop_lean(e)
+                self.cache.begin_prefill()
+        if logits is None:
+            with patched(self.bb, None, self.norms):
+                logits = self.bb.forward_mixed([self.adapter] * b, inputs_embeds=x, attention_mask=mask,
+                                               position_ids=pos, past_key_values=self.cache, use_cache=True,
+                                               logits_to_keep=1).logits[:, -1]
         self.cache.begin_decode(self.slot)
-        self.mask.zero_()
-        self.mask[:, 0, 0, :width] = mask.bool()
+        self.mask.fill_(torch.finfo(self.mask.dtype).min)
+        self.mask[:, 0, 0, :width].masked_fill_(mask.bool(), 0.0)
         self.slot.fill_(width)
         self.pos.copy_(pos[:, -1:] + 1)
         self.out = torch.zeros(b, max_new_tokens, dtype=torch.long, device=self.tok.device)
-        self.tok.copy_(sample(out.logits[:, -1].float())[:, None])
+        self.tok.copy_(sample(logits.float())[:, None])
         self.out[:, 0] = self.tok[:, 0]
 
     def _body(self) -> None:
         """One decode step, entirely on the device (this is what the graph captures)."""
-        self.mask.index_fill_(3, self.slot, True)
-        with patched(self.bb, self.split, self.norms):
-            out = self.bb.forward_mixed([self.adapter] * self.batch, input_ids=self.tok, attention_mask=self.mask,
-                                        position_ids=self.pos, past_key_values=self.cache, use_cache=True)
-        self.logits.copy_(out.logits[:, -1])
+        self.mask.index_fill_(3, self.slot, 0.0)
+        if self.lean is not None:
+            logits = self.lean(self.lean.embed_ids(self.tok), self.pos, self.cache, self.mask, self.split)
+        else:
+            with patched(self.bb, self.split, self.norms):
+                logits = self.bb.forward_mixed([self.adapter] * self.batch, input_ids=self.tok,
+                                               attention_mask=self.mask, position_ids=self.pos,
+                                               past_key_values=self.cache, use_cache=True).logits[:, -1]
+        self.logits.copy_(logits)
         self.tok.copy_(self.logits.argmax(-1, keepdim=True))
         self.pos.add_(1)
         self.slot.add_(1)
 
-    def _capture(self) -> None:
-        """Warm up on a side stream, capture one step, then restore the state the warm-up advanced."""
+    def _drop_lean(self, error: Exception | str) -> None:
+        self.lean, self.lean_reason = None, f"failed here, transformers modules used: {error}"
+        logger.warning("lean LLaMA forward %s", self.lean_reason)
+
+    def _capture(self) -> str | None:
+        """Warm up on a side stream, capture one step, then restore the state the warm-up advanced.
+        Returns the error that made capture fail (decoding then runs eagerly, still static-cache)."""
         state = (self.tok, self.pos, self.slot, self.mask)
         saved = [t.clone() for t in state]
         self.bb.lock.acquire()  # no other thread may launch work while the stream is being captured
@@ -167,10 +189,11 @@ class _Runner:
             with torch.cuda.graph(graph):
                 self._body()
             self.graph = graph
-        except Exception as e:  # run eagerly (still static-cache) rather than fail the request
-            self.graph_error = f"{type(e).__name__}: {e}"
-            logger.warning("CUDA graph capture failed, decoding eagerly: %s", self.graph_error)
+            return None
+        except Exception as e:
+            logger.warning("CUDA graph capture failed: %s", e)
             torch.cuda.synchronize()
+            return f"{type(e).__name__}: {e}"
         finally:
             self.bb.lock.release()
             for t, s in zip(state, saved):
@@ -178,11 +201,20 @@ class _Runner:
 
     def step(self, index: int, sample: Sampler, greedy: bool) -> None:
         if self.use_graph and self.graph is None and self.graph_error is None:
-            self._capture()
+            self.graph_error = self._capture()
+            if self.graph_error and self.lean is not None:  # retry through the transformers modules
+                self._drop_lean(f"capture: {self.graph_error}")
+                self.graph_error = self._capture()
         if self.graph is not None:
             self.graph.replay()
         else:
-            self._body()
+            try:
+                self._body()
+            except Exception as e:  # a failed step stops before advancing any state: redo it
+                if self.lean is None:
+                    raise
+                self._drop_lean(e)
+                self._body()
         if not greedy:
             self.tok.copy_(sample(self.logits)[:, None])
         self.out[:, index] = self.tok[:, 0]
@@ -204,8 +236,8 @@ class FastDecoder:
         self._idle: OrderedDict[tuple, list[_Runner]] = OrderedDict()
         self._pool_lock = threading.Lock()  # a runner serves one decode at a time
         self._splits: dict[tuple[int, int], int] = {}
-        self.last_timing: dict[str, float] = {}  # prefill_s, decode_s, attention_split of the last full decode
-        self.graph_errors: list[str] = []
+        self.last_timing: dict = {}  # prefill_s, decode_s, attention_split, lean of the last full decode
+        self.graph_errors: list[str] = []  # capture failures and lean-forward failures (both fall back)
 
     @property
     def uses_graphs(self) -> bool:
@@ -226,7 +258,7 @@ class FastDecoder:
         for i, a in enumerate(adapters):
             groups.setdefault(a, []).append(i)
         runners: list[tuple[list[int], tuple, _Runner]] = []
-        clock = _Clock(self.bb.device)
+        clock = Clock(self.bb.device)
         try:
             with torch.inference_mode():
                 for adapter, rows in groups.items():
@@ -253,13 +285,16 @@ class FastDecoder:
                 if target == max_new_tokens:
                     clock.mark()
                     self.last_timing = {**clock.spans("prefill_s", "decode_s"),
-                                        "attention_split": max(r.split for _, _, r in runners)}
+                                        "attention_split": max(r.split for _, _, r in runners),
+                                        "lean": all(r.lean is not None for _, _, r in runners)}
                 yield from columns
                 done = target
         finally:
             for _, key, runner in runners:
-                if runner.graph_error and runner.graph_error not in self.graph_errors:
-                    self.graph_errors.append(runner.graph_error)
+                failed_lean = runner.lean_reason if (runner.lean_reason or "").startswith("failed") else None
+                for error in (runner.graph_error, failed_lean):
+                    if error and error not in self.graph_errors:
+                        self.graph_errors.append(error)
                 self._release(key, runner)
 
     def _acquire(self, adapter: str | None, batch: int, positions: int) -> tuple[tuple, _Runner]:
@@ -272,10 +307,10 @@ class FastDecoder:
                 return key, idle.pop()
         split = self._split_for(batch, length)
         try:
-            runner = _Runner(self.bb, adapter, batch, length, self.uses_graphs, split, self.config.fused_norm)
+            runner = _Runner(self.bb, adapter, batch, length, self.uses_graphs, split, self.config)
         except torch.cuda.OutOfMemoryError:
             self.clear()
-            runner = _Runner(self.bb, adapter, batch, length, self.uses_graphs, split, self.config.fused_norm)
+            runner = _Runner(self.bb, adapter, batch, length, self.uses_graphs, split, self.config)
         return key, runner
 
     def _release(self, key: tuple, runner: _Runner) -> None:
@@ -289,10 +324,11 @@ class FastDecoder:
                     del self._idle[oldest]
 
     def _adapter_signature(self, adapter: str | None) -> tuple:
-        """Graphs hold raw pointers to LoRA weights: a reloaded adapter must not reuse an old graph."""
+        """Graphs hold raw pointers to LoRA weights and the lean forward copies them: a reloaded or
+        updated (trained in place) adapter must not reuse an old runner."""
         if adapter is None:
             return ()
-        return tuple(p.data_ptr() for n, p in self.bb.model.named_parameters() if f".{adapter}." in n)
+        return tuple((p.data_ptr(), p._version) for n, p in self.bb.model.named_parameters() if f".{adapter}." in n)
 
     def _split_for(self, batch: int, length: int) -> int:
         if self.config.split is not None:
@@ -302,31 +338,3 @@ class FastDecoder:
         if (batch, length) not in self._splits:
             self._splits[(batch, length)] = autotune_split(self.bb, batch, length)
         return self._splits[(batch, length)]
-
-
-class _Clock:
-    """Phase boundaries: CUDA events on a GPU (no sync until read), wall clock elsewhere."""
-
-    def __init__(self, device: torch.device):
-        import time
-
-        self.cuda = device.type == "cuda"
-        self._now = time.perf_counter
-        self.marks: list = []
-        self.mark()
-
-    def mark(self) -> None:
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            self.marks.append(ev)
-        else:
-            self.marks.append(self._now())
-
-    def spans(self, *names: str) -> dict[str, float]:
-        if self.cuda:
-            self.marks[-1].synchronize()
-            gaps = [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
-        else:
-            gaps = [b - a for a, b in zip(self.marks, self.marks[1:])]
-        return dict(zip(names, gaps))

@@ -81,7 +81,8 @@ class Generator:
     """Decoder side of LLoCO over a shared ``Backbone``.
 
     ``fast`` selects the static-cache decoder of ``fast_decode`` (CUDA graphs on a GPU); default: on
-    for CUDA unless ``LLOCO_FAST_DECODE=0``. Greedy output is the same token for token.
+    for CUDA unless ``LLOCO_FAST_DECODE=0``. Its greedy tokens are the eager loop's (in fp32; in bf16 a
+    near-tie can round the other way, as between any two kernel choices).
     """
 
     def __init__(self, backbone: Backbone, fast: bool | None = None):
@@ -227,7 +228,8 @@ class Generator:
         finally:
             steps.close()
 
-    def _eager_steps(self, x: torch.Tensor, mask: torch.Tensor, adapters: list[str | None], sample) -> Iterator[list[int]]:
+    def _eager_steps(self, x: torch.Tensor, mask: torch.Tensor, adapters: list[str | None],
+                     sample) -> Iterator[list[int]]:
         """Next token of every row, step after step (DynamicCache; PEFT mixed-adapter batches)."""
         bb = self.backbone
         pos = (mask.cumsum(-1) - 1).clamp(min=0)

@@ -25,13 +25,14 @@ def test_bench_tiny_runs_every_section(tmp_path, capsys):
     lat = res["latency"]["rows"]
     assert {(r["source_tokens"], r["case"], r["engine"]) for r in lat} == {
         (s, c, e) for s in (256, 1024) for c in ("full", "lloco 1536->50") for e in ("fast", "eager")} | {
-        (s, "lloco 1536->50", "fast+lora") for s in (256, 1024)}
+        (s, "lloco 1536->50", e) for s in (256, 1024) for e in ("fast+lora", "fast-hf")}
+    assert all(r["lean"] == (r["engine"] != "fast-hf") for r in lat if r["engine"] != "eager")
     for r in lat:
         assert r["latency_s"] > 0 and r["roofline_s"] > 0 and r["x_roofline"] > 0
     full = next(r for r in lat if r["case"] == "full" and r["source_tokens"] == 1024)
     assert full["positions"] == 1024 + 64 and full["prefill_s"] > 0 and full["ms_per_token"] > 0
     assert sorted((s["source_tokens"], s["engine"]) for s in res["latency"]["speedups"]) == [
-        (256, "fast"), (256, "fast+lora"), (1024, "fast"), (1024, "fast+lora")]
+        (s, e) for s in (256, 1024) for e in ("fast", "fast+lora", "fast-hf")]
     assert all(s["speedup"] > 0 and s["speedup_vs_eager_full"] > 0 for s in res["latency"]["speedups"])
     assert res["latency"]["engine_agreement"]["tokens_equal"] is True  # fp32 on CPU: same greedy tokens
     assert res["latency"]["graph_errors"] == []
@@ -66,3 +67,26 @@ def test_cost_counts_a_7b_shape_without_allocating():
 def test_bench_rejects_unknown_shape():
     with pytest.raises(ValueError, match="unknown shape"):
         BenchConfig(shapes=("13b",))
+
+
+def test_bench_failures_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    """One shot on the device: a failing case or check is written down, the other measurements still run."""
+    from lloco_index import bench
+    from lloco_index.generation import Generator
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated kernel failure")
+
+    monkeypatch.setattr(Generator, "_eager_steps", broken)
+    monkeypatch.setattr(bench, "_agreement", broken)
+    report = bench.run_bench(BenchConfig(shapes=("tiny",), sections=("latency", "compress"), lengths=(256,),
+                                         new_tokens=3, reps=1, compress_batches=(2,), device="cpu",
+                                         out=str(tmp_path / "b.json")))
+    res = report["shapes"]["tiny"]
+    assert res["errors"] == {}
+    assert "simulated kernel failure" in res["latency"]["engine_agreement"]["error"]
+    rows = {(r["case"], r["engine"]): r for r in res["latency"]["rows"]}
+    assert "simulated kernel failure" in rows[("full", "eager")]["error"]
+    assert rows[("full", "fast")]["latency_s"] > 0 and rows[("lloco 1536->50", "fast+lora")]["latency_s"] > 0
+    assert res["compress"]["rows"][0]["source_tokens_per_s"] > 0
+    assert json.loads((tmp_path / "b.json").read_text())["shapes"]["tiny"]["compress"]["rows"]

@@ -6,22 +6,27 @@ import pytest
 import torch
 
 from lloco_index.backbone import Backbone
-from lloco_index.decode_ops import decode_attention
-from lloco_index.fast_decode import FastDecoder
+from lloco_index.decode_ops import autotune_split, decode_attention
+from lloco_index.fast_decode import FastDecodeConfig, FastDecoder
 from lloco_index.generation import GenerationConfig, Generator
 
 
-@pytest.fixture(scope="module")
-def sharp_backbone(tiny_model_dir):
+def _sharpened(model_dir, seed: int) -> Backbone:
     """The tiny LLaMA with larger random weights: outputs vary token to token, so a divergence shows."""
-    from peft import LoraConfig
-
-    bb = Backbone.from_pretrained(str(tiny_model_dir), device="cpu")
-    torch.manual_seed(0)
+    bb = Backbone.from_pretrained(str(model_dir), device="cpu")
+    torch.manual_seed(seed)
     with torch.no_grad():
         for p in bb.model.parameters():
             if p.ndim == 2:
                 p.normal_(0, 0.15)
+    return bb
+
+
+@pytest.fixture(scope="module")
+def sharp_backbone(tiny_model_dir):
+    from peft import LoraConfig
+
+    bb = _sharpened(tiny_model_dir, 0)
     for name, seed in (("alpha", 1), ("beta", 2)):
         torch.manual_seed(seed)
         bb.add_adapter(name, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
@@ -42,10 +47,11 @@ def _prompts(bb, lengths=(7, 30, 19)):
     return [[torch.randn(n, bb.hidden_size, generator=g)] for n in lengths]
 
 
-@pytest.mark.parametrize("split", [0, 4])
-def test_greedy_tokens_match_eager_with_padding(sharp_backbone, split):
+@pytest.mark.parametrize("split,lean", [(0, True), (4, True), (0, False), (4, False)])
+def test_greedy_tokens_match_eager_with_padding(sharp_backbone, split, lean):
     eager, fast = Generator(sharp_backbone, fast=False), Generator(sharp_backbone, fast=True)
     fast.fast.config.split = split  # 4: the split-K matmul attention used for long caches on a GPU
+    fast.fast.config.lean = lean  # False: the transformers modules (what other architectures use)
     eager.eos_ids = fast.eos_ids = []
     cfg = GenerationConfig(max_new_tokens=20)
     prompts = _prompts(sharp_backbone)
@@ -55,8 +61,10 @@ def test_greedy_tokens_match_eager_with_padding(sharp_backbone, split):
     assert _ids(fast, prompts[1:2], cfg) == want[1:2]  # alone: trimmed padding, another runner
 
 
-def test_mixed_adapters_and_sampling_match_eager(sharp_backbone):
+@pytest.mark.parametrize("lean", [True, False])
+def test_mixed_adapters_and_sampling_match_eager(sharp_backbone, lean):
     eager, fast = Generator(sharp_backbone, fast=False), Generator(sharp_backbone, fast=True)
+    fast.fast.config.lean = lean
     eager.eos_ids = fast.eos_ids = []
     prompts = _prompts(sharp_backbone, (9, 14, 11, 5))
     adapters = ["alpha", "beta", None, "alpha"]
@@ -90,12 +98,13 @@ def test_runners_are_reused_across_calls(sharp_backbone):
     pool = list(fast.fast._idle)
     second = _ids(fast, _prompts(sharp_backbone, (10,)), cfg)
     assert first == second and list(fast.fast._idle) == pool and len(pool) == 1
-    assert set(fast.fast.last_timing) == {"prefill_s", "decode_s", "attention_split"}
+    assert set(fast.fast.last_timing) == {"prefill_s", "decode_s", "attention_split", "lean"}
 
 
-def test_decode_step_never_syncs_with_the_host(sharp_backbone, monkeypatch):
+@pytest.mark.parametrize("lean", [True, False])
+def test_decode_step_never_syncs_with_the_host(sharp_backbone, monkeypatch, lean):
     """A CUDA graph cannot capture a device->host read: the step body must not make one."""
-    dec = FastDecoder(sharp_backbone)
+    dec = FastDecoder(sharp_backbone, FastDecodeConfig(lean=lean))
     _, runner = dec._acquire("alpha", 2, 20)
     x = torch.randn(2, 9, sharp_backbone.hidden_size)
     mask = torch.ones(2, 9, dtype=torch.long)
@@ -103,14 +112,17 @@ def test_decode_step_never_syncs_with_the_host(sharp_backbone, monkeypatch):
     with torch.inference_mode():
         runner.prefill(x, mask, 4, lambda lg: lg.argmax(-1))
     reads = []
+    def spy(name, orig):
+        return lambda self, *a, **k: (reads.append(name), orig(self, *a, **k))[1]
+
     for name in ("__bool__", "item", "tolist", "__int__", "__float__", "__index__", "cpu", "numpy"):
-        orig = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _n=name, _o=orig, **k: (reads.append(_n), _o(self, *a, **k))[1])
+        monkeypatch.setattr(torch.Tensor, name, spy(name, getattr(torch.Tensor, name)))
     with torch.inference_mode():
         runner._body()
     monkeypatch.undo()
     assert reads == []
-    assert int(runner.slot) == 10 and runner.mask[:, 0, 0, :10].sum().item() == 7 + 10
+    assert int(runner.slot) == 10 and (runner.mask[:, 0, 0, :10] == 0).sum().item() == 7 + 10
+    assert (runner.lean is not None) == lean
 
 
 def test_split_attention_matches_sdpa():
@@ -127,3 +139,80 @@ def test_split_attention_matches_sdpa():
     out, _ = decode_attention(module, q, k, v, mask, scaling=d ** -0.5, split=8)
     assert out.shape == ref.shape == (b, 1, kv_heads * groups, d)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_autotune_picks_a_working_attention(sharp_backbone):
+    assert autotune_split(sharp_backbone, 2, 64, candidates=(0, 4, 8, 5)) in (0, 4, 8)  # 5 does not divide 64
+
+
+def _step_ops(bb, adapter, lean) -> int:
+    """Operations one decode step dispatches (views excluded): a CPU-side proxy for CUDA kernels."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    views = {"view", "_unsafe_view", "t", "transpose", "unsqueeze", "squeeze", "expand", "slice", "select",
+             "as_strided", "permute", "alias", "detach", "_reshape_alias", "empty", "empty_strided", "reshape"}
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += func.__name__.split(".")[0] not in views
+            return func(*args, **(kwargs or {}))
+
+    _, runner = FastDecoder(bb, FastDecodeConfig(lean=lean))._acquire(adapter, 1, 20)
+    with torch.inference_mode():
+        runner.prefill(torch.randn(1, 9, bb.hidden_size), torch.ones(1, 9, dtype=torch.long), 4,
+                       lambda lg: lg.argmax(-1))
+        with Count():
+            runner._body()
+    return Count.n
+
+
+def test_lean_step_launches_fewer_kernels(sharp_backbone):
+    """The point of lean_llama: fewer small kernels per token (they, not the weights, cost the time)."""
+    base_hf, base_lean = _step_ops(sharp_backbone, None, False), _step_ops(sharp_backbone, None, True)
+    lora_hf, lora_lean = _step_ops(sharp_backbone, "alpha", False), _step_ops(sharp_backbone, "alpha", True)
+    assert base_lean <= 0.8 * base_hf and lora_lean <= 0.7 * lora_hf, (base_hf, base_lean, lora_hf, lora_lean)
+
+
+def test_unsupported_adapter_falls_back_and_updated_adapter_is_picked_up(tiny_model_dir):
+    from peft import LoraConfig
+
+    bb = _sharpened(tiny_model_dir, 3)
+    bb.add_adapter("dora", LoraConfig(r=4, target_modules=["q_proj"], use_dora=True, init_lora_weights=False))
+    bb.add_adapter("plain", LoraConfig(r=4, target_modules=["v_proj"], init_lora_weights=False))
+    bb.model.eval()
+    eager, fast = Generator(bb, fast=False), Generator(bb, fast=True)
+    eager.eos_ids = fast.eos_ids = []
+    cfg, prompts = GenerationConfig(max_new_tokens=8), _prompts(bb, (6, 11))
+    assert _ids(fast, prompts, cfg, "dora") == _ids(eager, prompts, cfg, "dora")
+    assert [r.lean_reason for rs in fast.fast._idle.values() for r in rs] == [
+        "adapter 'dora' is not vanilla LoRA (DoRA or a LoRA bias)"]
+    before = _ids(fast, prompts, cfg, "plain")
+    with torch.no_grad():  # an optimizer step changes the adapter in place: no stale copy may be used
+        for n, p in bb.model.named_parameters():
+            if ".plain." in n and "lora_B" in n:
+                p.mul_(-3)
+    after = _ids(fast, prompts, cfg, "plain")
+    assert after == _ids(eager, prompts, cfg, "plain") and after != before
+
+
+@pytest.mark.parametrize("fail_when", ["always", "decoding"])
+def test_a_failing_lean_forward_falls_back_to_the_transformers_modules(sharp_backbone, monkeypatch, fail_when):
+    from lloco_index.lean_llama import LeanLlama
+
+    eager, fast = Generator(sharp_backbone, fast=False), Generator(sharp_backbone, fast=True)
+    eager.eos_ids = fast.eos_ids = []
+    cfg, prompts = GenerationConfig(max_new_tokens=8), _prompts(sharp_backbone, (5, 9))
+    want = _ids(eager, prompts, cfg, "alpha")
+    real = LeanLlama.__call__
+
+    def flaky(self, x, *args, **kwargs):
+        if fail_when == "always" or x.shape[1] == 1:
+            raise RuntimeError("unsupported here")
+        return real(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(LeanLlama, "__call__", flaky)
+    assert _ids(fast, prompts, cfg, "alpha") == want
+    assert fast.fast.graph_errors == ["failed here, transformers modules used: unsupported here"]
+    assert fast.fast.last_timing["lean"] is False

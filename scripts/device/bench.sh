@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `lloco bench` on the GPU: one process, one GPU, about 5 minutes (it starts nothing new after 450 s).
+# `lloco bench` on the GPU: one process, one GPU, an estimated 4-6 minutes (it starts nothing new after 450 s).
 # bench.json (rewritten after every section) and bench.log come back in $OUT.
 #   bash scripts/device/bench.sh [extra `lloco bench` flags]
 # The default-model rows need the carried SmolLM2 GGUF (see setup.sh); without it only the 7B shape runs.
