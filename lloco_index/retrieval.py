@@ -10,11 +10,14 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 
 
 def _terms(text: str) -> list[str]:
-    return [w.lower() for w in _WORD.findall(text)]
+    """Lower-cased words plus adjacent word pairs: a chunk that holds the question's phrase ("best thing
+    to do") outranks one that only repeats its names ("San Francisco") many times."""
+    words = [w.lower() for w in _WORD.findall(text)]
+    return words + [f"{a} {b}" for a, b in zip(words, words[1:])]
 
 
 class BM25:
-    """Okapi BM25 (k1=1.5, b=0.75) over a fixed list of documents."""
+    """Okapi BM25 (k1=1.5, b=0.75) over words and word pairs of a fixed list of documents."""
 
     def __init__(self, docs: list[str], k1: float = 1.5, b: float = 0.75):
         self.k1, self.b = k1, b

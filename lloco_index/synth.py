@@ -23,8 +23,12 @@ _THINGS = {
 }
 _PLACES = ["the harbor", "the old mill", "the north tower", "the library basement", "the orchard", "the train depot",
            "the glass house", "the east quay", "the chapel garden", "the weather station"]
-_ACTIVITIES = ["feed the swans", "read under the oak tree", "climb the clock tower", "fly a kite on the dunes",
-               "swim in the quarry lake", "watch the ferries", "walk the canal path", "play chess in the square"]
+_TASKS = ["sign the contracts", "test the engines", "paint the hangar", "hire two pilots", "order new tyres",
+          "call the mayor", "clean the gutters", "book the hall", "print the tickets", "repair the fence",
+          "feed the goats", "update the maps", "wash the vans", "count the chairs", "tune the piano"]
+_TIMETABLE = [("the ferry", "leaves", "leave"), ("the museum", "opens", "open"), ("the night train", "arrives", "arrive"),
+              ("the market", "closes", "close")]
+_ITEMS = ["spare key", "silver trophy", "old logbook", "first-aid kit", "red ledger", "brass telescope", "map case"]
 
 
 def _name(rng: random.Random, parts: int = 2) -> str:
@@ -58,7 +62,7 @@ class Fact:
 
 def make_fact(rng: random.Random) -> Fact:
     """One random fact with a question whose answer is a span of the fact."""
-    kind = rng.randrange(9)
+    kind = rng.randrange(13)
     p = _person(rng)
     if kind == 0:
         cat = rng.choice(list(_THINGS))
@@ -78,13 +82,12 @@ def make_fact(rng: random.Random) -> Fact:
         if rng.random() < 0.5:
             return Fact([s], rng.choice([f"In which year was {p} born?", f"When was {p} born?"]), str(year))
         return Fact([s], rng.choice([f"Where was {p} born?", f"In which town was {p} born?"]), city)
-    if kind == 3:
-        place, act = rng.choice(_PLACES), rng.choice(_ACTIVITIES)
-        town = _name(rng, 3)
-        s = rng.choice([f"In {town}, the locals say the nicest thing to do is to {act} near {place}.",
-                        f"Visitors to {town} are told to {act} near {place} on a quiet evening."])
-        q = rng.choice([f"What do people in {town} recommend doing?", f"What are visitors to {town} told to do?"])
-        return Fact([s], q, f"{act} near {place}")
+    if kind == 3:  # a two-part answer ("X and Y"): the whole span must come back, not its first half
+        t1, t2 = rng.sample(_TASKS, 2)
+        event = rng.choice(["the launch", "the audit", "the wedding", "the harvest fair", "the move", "the concert"])
+        s = rng.choice([f"Before {event}, {p} had to {t1} and {t2}.", f"{p}'s list for {event} said: {t1} and {t2}."])
+        q = rng.choice([f"What did {p} have to do before {event}?", f"What was on {p}'s list for {event}?"])
+        return Fact([s], q, f"{t1} and {t2}")
     if kind == 4:
         n, item = rng.randint(2, 9999), rng.choice(["lamps", "books", "chairs", "bicycles", "paintings", "clocks"])
         place = rng.choice(_PLACES)
@@ -102,6 +105,23 @@ def make_fact(rng: random.Random) -> Fact:
         pet = _name(rng, 2)
         return Fact([f"{p} keeps a pet {rng.choice(_THINGS['animal'])} called {pet}."],
                     rng.choice([f"What is the name of {p}'s pet?", f"What is {p}'s pet called?"]), pet)
+    if kind == 9:
+        item, place = rng.choice(_ITEMS), rng.choice(_PLACES)
+        s = rng.choice([f"The {item} is kept in {place}.", f"Nobody remembers that the {item} was moved to {place}."])
+        return Fact([s], rng.choice([f"Where is the {item} kept?", f"Where can the {item} be found?"]), place)
+    if kind == 10:
+        partner, rel = _person(rng), rng.choice(["married to", "the sister of", "the business partner of", "mentored by"])
+        return Fact([f"{p} is {rel} {partner}."], f"Who is {p} {rel}?", partner)
+    if kind == 11:
+        n, unit = rng.randint(3, 950), rng.choice(["metres long", "kilograms heavy", "years old", "metres tall"])
+        thing = f"the {rng.choice(['bridge', 'statue', 'oak', 'boat', 'bell'])} of {_name(rng, 3)}"
+        s = rng.choice([f"{thing[0].upper()}{thing[1:]} is {n} {unit}.", f"According to the guide, {thing} is {n} {unit}."])
+        return Fact([s], f"How {unit.split()[1]} is {thing}?", f"{n} {unit.split()[0]}")
+    if kind == 12:
+        hh, mm = rng.randint(1, 12), rng.choice(["00", "15", "20", "30", "45", "50"])
+        subject, says, asks = rng.choice(_TIMETABLE)
+        town = _name(rng, 3)
+        return Fact([f"In {town}, {subject} {says} at {hh}:{mm}."], f"When does {subject} {asks} in {town}?", f"{hh}:{mm}")
     room, day = rng.randint(100, 999), rng.choice(["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"])
     s = f"The {rng.choice(['budget', 'design', 'safety', 'planning'])} meeting led by {p} is on {day} in room {room}."
     if rng.random() < 0.5:
