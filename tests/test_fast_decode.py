@@ -150,7 +150,8 @@ def _step_ops(bb, adapter, lean) -> int:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     views = {"view", "_unsafe_view", "t", "transpose", "unsqueeze", "squeeze", "expand", "slice", "select",
-             "as_strided", "permute", "alias", "detach", "_reshape_alias", "empty", "empty_strided", "reshape"}
+             "as_strided", "permute", "alias", "detach", "_reshape_alias", "empty", "empty_strided", "reshape", "chunk",
+             "split"}
 
     class Count(TorchDispatchMode):
         n = 0
@@ -216,3 +217,150 @@ def test_a_failing_lean_forward_falls_back_to_the_transformers_modules(sharp_bac
     assert _ids(fast, prompts, cfg, "alpha") == want
     assert fast.fast.graph_errors == ["failed here, transformers modules used: unsupported here"]
     assert fast.fast.last_timing["lean"] is False
+
+
+def _tiny_llama(attention_bias: bool = False, adapter: bool = False):
+    """A random fp32 LlamaForCausalLM (GQA), optionally PEFT-wrapped with a LoRA adapter on every
+    projection at unequal ranks (the fused group's A's and B's have blocks of different sizes)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, attention_bias=attention_bias)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.15)
+    if adapter:
+        from peft import LoraConfig, get_peft_model
+
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False,
+                                                 rank_pattern={"k_proj": 2, "up_proj": 6}), adapter_name="ad").eval()
+    else:
+        model.requires_grad_(False)  # frozen base weights, as under PEFT
+    return model
+
+
+def _storages(model) -> dict[int, int]:
+    return {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+
+
+@pytest.mark.parametrize("adapter", [None, "ad"])
+def test_fused_lean_forward_matches_transformers(adapter):
+    from lloco_index.fast_decode import SlabCache
+    from lloco_index.lean_llama import LeanLlama, fuse_projections
+
+    model = _tiny_llama(adapter=adapter is not None)
+    cfg = model.config
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 9, cfg.hidden_size, generator=g)
+    with torch.inference_mode():
+        want = model(inputs_embeds=x).logits[:, -1]
+        want_next = model(inputs_embeds=x[:, :8]).logits[:, -1]
+        assert fuse_projections(model) == 2 * cfg.num_hidden_layers  # as the runner does: in inference mode
+        lean = LeanLlama(model, adapter)
+        assert all("qkv" in p and "gate_up" in p and "q_proj" not in p for p in lean.layers)
+        if adapter:  # every projection adapted: A's stacked over ranks 4 + 2 + 4 and 4 + 6
+            assert [tuple(lean.layers[0][n].a.shape) for n in ("qkv", "gate_up")] == [(10, 64), (10, 64)]
+        cache = SlabCache(cfg.num_hidden_layers, 2, 2, 16, 16, torch.float32, torch.device("cpu"))
+        pos = torch.arange(8).expand(2, 8)
+        torch.testing.assert_close(lean(x[:, :8].clone(), pos, cache, None), want_next, atol=1e-5, rtol=1e-5)
+        cache.begin_decode(torch.tensor([8]))  # one decode step over the static cache, as in the graph
+        mask = torch.full((2, 1, 1, 16), torch.finfo(torch.float32).min)
+        mask[..., :9] = 0
+        torch.testing.assert_close(lean(x[:, 8:].clone(), pos[:, -1:] + 1, cache, mask), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(inputs_embeds=x).logits[:, -1], want, atol=0, rtol=0)  # HF on the views
+
+
+def test_fusion_keeps_memory_is_idempotent_and_leaves_training_working():
+    from lloco_index.lean_llama import fuse_projections
+
+    model = _tiny_llama(adapter=True)
+    before = _storages(model)
+    layer = model.get_base_model().model.layers[0]
+    q, k, v = (getattr(layer.self_attn, n).base_layer.weight for n in ("q_proj", "k_proj", "v_proj"))
+    gate, up = layer.mlp.gate_proj.base_layer.weight, layer.mlp.up_proj.base_layer.weight
+    params = [q, k, v, gate, up]
+    with torch.inference_mode():
+        assert fuse_projections(model) == 4
+        after = _storages(model)
+        assert fuse_projections(model) == 0 and _storages(model) == after  # the second call changes nothing
+    assert sum(after.values()) == sum(before.values()) and len(after) == len(before) - 2 * 3  # 5 tensors -> 2
+    assert [p.data_ptr() for p in (k, v)] == [q.data_ptr() + q.nbytes, q.data_ptr() + q.nbytes + k.nbytes]
+    assert up.data_ptr() == gate.data_ptr() + gate.nbytes
+    assert all(isinstance(p, torch.nn.Parameter) and not p.requires_grad and not p.is_inference() for p in params)
+    model.train()  # a LoRA step on the fused model: base weights get no gradient and stay as they were
+    snapshot = [p.clone() for p in params]
+    lora = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(lora, lr=0.1)
+    model(inputs_embeds=torch.randn(1, 5, 64)).logits.square().mean().backward()
+    opt.step()
+    assert all(p.grad is not None for p in lora) and all(p.grad is None for p in params)
+    assert all(torch.equal(a, b) for a, b in zip(params, snapshot))
+
+
+def test_fusion_skips_biased_and_trainable_projections():
+    from lloco_index.lean_llama import LeanLlama, fuse_projections
+
+    model = _tiny_llama(attention_bias=True)  # q/k/v with biases: separate GEMMs; gate/up fused
+    assert fuse_projections(model) == 2
+    assert all("q_proj" in p and "qkv" not in p and "gate_up" in p for p in LeanLlama(model, None).layers)
+    trainable = _tiny_llama().requires_grad_(True)  # only frozen base weights are fused
+    assert fuse_projections(trainable) == 0
+
+
+def _with_adapters(bb: Backbone, fuse: bool) -> Backbone:
+    """Adapters on q, v and up only: the fused groups mix adapted and plain blocks."""
+    from peft import LoraConfig
+
+    from lloco_index.lean_llama import fuse_projections
+
+    for name, seed in (("alpha", 1), ("beta", 2)):
+        torch.manual_seed(seed)
+        bb.add_adapter(name, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
+                                        init_lora_weights=False))
+    bb.model.eval()
+    if fuse:
+        assert fuse_projections(bb.model) == 4  # what the fast decoder does on CUDA
+    return bb
+
+
+def test_fused_model_saves_and_refuses_after_a_move(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from lloco_index.lean_llama import fuse_projections
+
+    model = _tiny_llama()
+    x = torch.randn(1, 6, 64)
+    want = model(inputs_embeds=x).logits
+    assert fuse_projections(model) == 4
+    model.save_pretrained(tmp_path)
+    torch.testing.assert_close(LlamaForCausalLM.from_pretrained(tmp_path)(inputs_embeds=x).logits, want, atol=0, rtol=0)
+    model.to(torch.float64)  # new tensors replace the views: no longer fused, and fused again on request
+    assert fuse_projections(model) == 4 and fuse_projections(model) == 0
+
+
+@pytest.fixture(scope="module")
+def fused_backbone(tiny_model_dir):
+    return _with_adapters(_sharpened(tiny_model_dir, 0), fuse=True)
+
+
+def test_fused_model_decodes_like_eager(fused_backbone):
+    eager, fast = Generator(fused_backbone, fast=False), Generator(fused_backbone, fast=True)
+    eager.eos_ids = fast.eos_ids = []
+    prompts = _prompts(fused_backbone, (9, 14, 11, 5))
+    adapters = ["alpha", "beta", None, "alpha"]
+    cfg = GenerationConfig(max_new_tokens=12)
+    assert _ids(fast, prompts, cfg, adapters) == _ids(eager, prompts, cfg, adapters)
+    runners = [r for rs in fast.fast._idle.values() for r in rs]
+    assert len(runners) == 3 and all("qkv" in p and "gate_up" in p for r in runners for p in r.lean.layers)
+
+
+def test_fused_step_launches_fewer_kernels(fused_backbone, tiny_model_dir):
+    """Per layer: q/k/v 3 GEMMs + cat -> 1 GEMM, gate/up 2 GEMMs -> 1; LoRA on q, v, up 6 GEMMs -> 4."""
+    unfused = _with_adapters(_sharpened(tiny_model_dir, 0), fuse=False)
+    layers = fused_backbone.model.config.num_hidden_layers
+    assert _step_ops(fused_backbone, None, True) == _step_ops(unfused, None, True) - 4 * layers
+    assert _step_ops(fused_backbone, "alpha", True) == _step_ops(unfused, "alpha", True) - 6 * layers
