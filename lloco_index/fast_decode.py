@@ -24,7 +24,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .backbone import Backbone
 from .decode_ops import Clock, autotune_split, patched, rms_norms, text_config
-from .lean_llama import LeanLlama, fuse_projections, prefill_mask, support
+from .lean_llama import LeanLlama, prefill_mask, support
 
 logger = logging.getLogger(__name__)
 Sampler = Callable[[torch.Tensor], torch.Tensor]  # float logits [b, vocab] -> token ids [b]
@@ -39,8 +39,7 @@ class FastDecodeConfig:
     split: int | None = None  # decode attention: 0 = SDPA, n = matmul with n-way split-K; None = autotune
     autotune_min_len: int = 4096  # CUDA caches at least this long try the split-K matmul attention
     fused_norm: bool = True  # RMSNorm as one F.rms_norm call (one fused kernel on CUDA instead of ~8)
-    lean: bool = True  # LLaMA layers through lean_llama (fewer kernels; on CUDA with fused q/k/v and gate/up
-    # weights: fuse_projections); other models through transformers
+    lean: bool = True  # LLaMA layers through lean_llama (fewer kernels); other models through transformers
 
 
 class _SlabLayer(CacheLayerMixin):
@@ -299,12 +298,9 @@ class FastDecoder:
                 self._release(key, runner)
 
     def _acquire(self, adapter: str | None, batch: int, positions: int) -> tuple[tuple, _Runner]:
-        if self.config.lean and self.bb.device.type == "cuda":  # a no-op once fused
-            with self.bb.lock:
-                fuse_projections(self.bb.model)
         bucket = self.config.cache_bucket
         length = -(-max(positions, 1) // bucket) * bucket
-        key = (adapter, self._weights_signature(adapter), batch, length)
+        key = (adapter, self._adapter_signature(adapter), batch, length)
         with self._pool_lock:
             idle = self._idle.get(key)
             if idle:
@@ -327,13 +323,12 @@ class FastDecoder:
                 if not self._idle[oldest]:
                     del self._idle[oldest]
 
-    def _weights_signature(self, adapter: str | None) -> tuple:
-        """Graphs hold raw pointers to the weights and the lean forward copies LoRA weights: base weights
-        fused (``fuse_projections``) or moved since, or a reloaded or updated (trained in place) adapter,
-        must not reuse an old runner."""
-        return tuple(p.data_ptr() if "lora_" not in n else (p.data_ptr(), p._version)
-                     for n, p in self.bb.model.named_parameters()
-                     if "lora_" not in n or (adapter is not None and f".{adapter}." in n))
+    def _adapter_signature(self, adapter: str | None) -> tuple:
+        """Graphs hold raw pointers to LoRA weights and the lean forward copies them: a reloaded or
+        updated (trained in place) adapter must not reuse an old runner."""
+        if adapter is None:
+            return ()
+        return tuple((p.data_ptr(), p._version) for n, p in self.bb.model.named_parameters() if f".{adapter}." in n)
 
     def _split_for(self, batch: int, length: int) -> int:
         if self.config.split is not None:

@@ -8,11 +8,7 @@ modules this forward launches about a third fewer per layer, with the same arith
 - rotary runs once over q and k together, as ``roll`` + ``addcmul`` (rotate_half(x) = roll(x) * sign);
 - a LoRA adapter costs two GEMMs per projection (``x @ A``, then ``addmm`` into the output with the
   scaled B) instead of PEFT's cast/A/B/scale/add and its per-module Python, in the model dtype;
-- decode attends over the static cache with an additive float mask (no bool-to-float conversion);
-- with ``fuse_projections`` (the fast decoder calls it on CUDA) q/k/v are one GEMM and gate/up another,
-  over one tensor per layer whose row blocks the modules' own weights become (no extra memory); q and k
-  are then adjacent in its output (no ``cat`` before rotary) and a LoRA adapter on the group is two GEMMs
-  in all (stacked A's, block-diagonal scaled B's).
+- decode attends over the static cache with an additive float mask (no bool-to-float conversion).
 
 Only plain LLaMA layers are handled (``support`` says why not otherwise); the fast decoder falls
 back to the transformers modules for anything else.
@@ -24,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from transformers.activations import ACT2FN
 
 from .decode_ops import decode_attention
@@ -59,91 +54,6 @@ def _proj(module, adapter: str | None, dtype: torch.dtype) -> _Proj:
         p.a = module.lora_A[adapter].weight.to(dtype)
         p.b = (module.lora_B[adapter].weight * module.scaling[adapter]).to(dtype)
     return p
-
-
-def _fused_proj(modules, fused: torch.Tensor, adapter: str | None, dtype: torch.dtype) -> _Proj:
-    """One projection for ``modules`` over their fused weight. The adapted modules' A's are stacked and
-    their scaled B's laid out block-diagonally, so the group's LoRA update is two GEMMs into the whole
-    output (no ``addmm_`` into strided column slices); the zero blocks only add exact zeros."""
-    p = _Proj(fused, None)
-    parts = [_proj(m, adapter, dtype) for m in modules]
-    if all(q.a is None for q in parts):
-        return p
-    p.a = torch.cat([q.a for q in parts if q.a is not None])
-    p.b = torch.zeros(fused.shape[0], p.a.shape[0], dtype=dtype, device=fused.device)
-    row = col = 0
-    for q in parts:
-        if q.a is not None:
-            p.b[row:row + q.b.shape[0], col:col + q.b.shape[1]] = q.b
-            col += q.b.shape[1]
-        row += q.w.shape[0]
-    return p
-
-
-_GROUPS = {"qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "gate_up": ("mlp", ("gate_proj", "up_proj"))}
-
-
-def _group(layer, name: str, base: bool = True) -> list:
-    """The group's modules in one layer: their base Linears (under a PEFT LoRA wrapper), or the wrappers."""
-    block, names = _GROUPS[name]
-    modules = [getattr(getattr(layer, block), n) for n in names]
-    return [getattr(m, "base_layer", m) for m in modules] if base else modules
-
-
-def _fusible(linears: list) -> bool:
-    """Bias-free plain ``nn.Linear`` weights of one dtype on one (real) device: one GEMM can replace theirs."""
-    w0 = linears[0].weight
-    return all(type(m) is nn.Linear and m.bias is None and not m.weight.is_meta and m.weight.dtype == w0.dtype
-               and m.weight.device == w0.device for m in linears)
-
-
-def _fused_weight(linears: list) -> torch.Tensor | None:
-    """The ``[sum of out_features, in]`` tensor whose consecutive row blocks are the weights of ``linears``,
-    in order, or None when they are not laid out so. This layout is the mark ``fuse_projections`` leaves
-    (a flag would go stale once e.g. ``model.to()`` replaced the views by separate tensors)."""
-    if not _fusible(linears):
-        return None
-    first = linears[0].weight
-    offset = first.storage_offset()
-    for w in (m.weight for m in linears):
-        if (not w.is_contiguous() or w.storage_offset() != offset
-                or w.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()):
-            return None
-        offset += w.numel()
-    return first.detach().as_strided((sum(m.weight.shape[0] for m in linears), first.shape[1]), first.stride())
-
-
-def fuse_projections(model) -> int:
-    """Lay each layer's q/k/v weights, and its gate/up weights, out as consecutive row blocks of one new
-    tensor (the modules' weights become views of it, the separate tensors are freed), so ``LeanLlama``
-    runs each group as one GEMM. Parameter memory does not grow and the transformers/PEFT modules run
-    unchanged on the views. Returns the number of groups fused by this call: 0 when already fused.
-
-    Only frozen base weights are fused (``requires_grad`` False: PEFT freezes them; this project never
-    trains them), of bias-free ``nn.Linear`` modules on one device and dtype, in plain LLaMA models; any
-    other group keeps its separate weights (and GEMMs). The new tensor is made outside inference mode,
-    so training may later run on the same model; ``save_pretrained`` writes the same weights as before.
-    Whatever replaces the views (``model.to(dtype)``) un-fuses the group; a later call fuses it again.
-    """
-    if support(model, None) is not None:
-        return 0
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    count = 0
-    with torch.inference_mode(False), torch.no_grad():  # an inference tensor could not be used in training
-        for layer in base.model.layers:
-            for name in _GROUPS:
-                linears = _group(layer, name)
-                if (not _fusible(linears) or any(m.weight.requires_grad for m in linears)
-                        or _fused_weight(linears) is not None):
-                    continue
-                weight = torch.cat([m.weight for m in linears])
-                row = 0
-                for m in linears:
-                    rows = m.weight.shape[0]
-                    m.weight.data = weight[row:row + rows]
-                    row += rows
-                count += 1
-    return count
 
 
 def support(model, adapter: str | None) -> str | None:
@@ -182,19 +92,13 @@ class LeanLlama:
         self.act = ACT2FN[cfg.hidden_act]
         self.layers = []
         for layer in inner.layers[:cfg.num_hidden_layers]:
-            at = layer.self_attn
-            p = {"ln1": (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon),
-                 "ln2": (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon),
-                 "o_proj": _proj(at.o_proj, adapter, dtype), "down_proj": _proj(layer.mlp.down_proj, adapter, dtype),
-                 "scaling": at.scaling, "module": at}
-            for group, (_, names) in _GROUPS.items():  # fused weights: one GEMM, else one per module
-                modules = _group(layer, group, base=False)
-                fused = _fused_weight(_group(layer, group))
-                if fused is not None:
-                    p[group] = _fused_proj(modules, fused, adapter, dtype)
-                else:
-                    p.update({n: _proj(m, adapter, dtype) for n, m in zip(names, modules)})
-            self.layers.append(p)
+            at, mlp = layer.self_attn, layer.mlp
+            self.layers.append({
+                "ln1": (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon),
+                "ln2": (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon),
+                **{n: _proj(getattr(at, n), adapter, dtype) for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
+                **{n: _proj(getattr(mlp, n), adapter, dtype) for n in ("gate_proj", "up_proj", "down_proj")},
+                "scaling": at.scaling, "module": at})
 
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.embed)
@@ -214,22 +118,16 @@ class LeanLlama:
         h = x.reshape(b * t, hidden)
         for i, p in enumerate(self.layers):
             y = F.rms_norm(h, (hidden,), *p["ln1"])
-            if "qkv" in p:  # q and k are adjacent heads of the fused output: rotary needs no cat
-                qkv = p["qkv"](y).view(b, t, self.heads + 2 * self.kv_heads, self.head_dim)
-                qk, v = qkv[:, :, :self.heads + self.kv_heads], qkv[:, :, self.heads + self.kv_heads:]
-            else:
-                q = p["q_proj"](y).view(b, t, self.heads, self.head_dim)
-                k = p["k_proj"](y).view(b, t, self.kv_heads, self.head_dim)
-                v = p["v_proj"](y).view(b, t, self.kv_heads, self.head_dim)
-                qk = torch.cat([q, k], dim=2)
-            # rotary once for q and k: rotate_half(x) * sin = roll(x) * signed sin
+            q = p["q_proj"](y).view(b, t, self.heads, self.head_dim)
+            k = p["k_proj"](y).view(b, t, self.kv_heads, self.head_dim)
+            v = p["v_proj"](y).view(b, t, self.kv_heads, self.head_dim)
+            qk = torch.cat([q, k], dim=2)  # rotary once for both: rotate_half(x) * sin = roll(x) * signed sin
             qk = torch.addcmul(qk * cos, qk.roll(half, dims=-1), sin).transpose(1, 2)
             keys, values = cache.layers[i].update(qk[:, self.heads:], v.transpose(1, 2))
             out = self._attend(p, qk[:, :self.heads], keys, values, mask, split)
             h = p["o_proj"](out.reshape(b * t, -1), add=h)
             y = F.rms_norm(h, (hidden,), *p["ln2"])
-            gate, up = p["gate_up"](y).chunk(2, -1) if "gate_up" in p else (p["gate_proj"](y), p["up_proj"](y))
-            h = p["down_proj"](self.act(gate) * up, add=h)  # torch has no fused SiLU-and-mul: 2 kernels
+            h = p["down_proj"](self.act(p["gate_proj"](y)) * p["up_proj"](y), add=h)
         last = h.view(b, t, hidden)[:, -1]
         return self.head(F.rms_norm(last, (hidden,), *self.norm))
 
