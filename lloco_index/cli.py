@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=None, help="optional store to cache the compressed chunks")
     p.add_argument("--accumulate", action="store_true",
                    help="compress each file whole in AutoCompressor's recurrent mode, as LLoCO did (not cached)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="keep only the K chunks most relevant to the question (BM25); recommended for long inputs")
     _common(p)
     _gen(p)
 
@@ -225,7 +227,7 @@ def cmd_answer(args) -> None:
     texts = [read_text_file(f) for f in args.context]
     lloco = _load(args, args.store)
     _answer_out(args, lloco.answer(args.question, texts, config=_config(args), expand=args.expand,
-                                   accumulate=args.accumulate))
+                                   accumulate=args.accumulate, top_k=args.top_k))
 
 
 def cmd_convert_checkpoint(args) -> None:

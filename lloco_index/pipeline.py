@@ -230,15 +230,23 @@ class LLoCO:
         return self.generator.stream(pieces, config, self._adapter(adapter))
 
     def answer(self, question: str, contexts: Sequence[str], config: GenerationConfig | None = None,
-               adapter: str | None = None, expand: int = 0, accumulate: bool = False) -> Answer:
+               adapter: str | None = None, expand: int = 0, accumulate: bool = False,
+               top_k: int | None = None) -> Answer:
         """Whole-document mode: compress every chunk of ``contexts`` and answer from all of them.
 
         ``expand``: the ``expand`` chunks most relevant to the question (BM25) go in as text.
+        ``top_k``: keep only the ``top_k`` chunks most relevant to the question (BM25, in document order), so
+        a long input costs the decoder the same few positions as a short one (the trained defaults read up to
+        ~64 chunks well; docs/quality.md measures 128k-token inputs with ``top_k=16, expand=1``).
         ``accumulate=True`` compresses each context whole in AutoCompressor's recurrent mode, as
         LLoCO did for its adapters. Those vectors depend on the whole document, so they are not
         chunk-addressable: they are computed per call and never written to the store.
         """
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
         if accumulate:
+            if top_k is not None:
+                raise ValueError("top_k selects chunks; accumulate mode compresses each context whole")
             docs = [c for c in contexts if c]
             if not docs:
                 raise ValueError("no context text given")
@@ -248,6 +256,8 @@ class LLoCO:
         texts = [c.text for ctx in contexts for c in self.chunk(ctx)]
         if not texts:
             raise ValueError("no context text given")
+        if top_k is not None:
+            texts = [texts[i] for i in sorted(i for i, _ in BM25(texts).top_k(question, top_k))]
         keys = self.compress_texts(texts)
         best = {keys[i] for i, _ in BM25(texts).top_k(question, expand)} if expand else set()
         return self._answer_keys(question, keys, config, adapter, best)

@@ -143,3 +143,19 @@ def test_mixed_adapter_batch_matches_single_runs(tiny_lloco, tmp_path):
     mixed = [g.text for g in gen.generate([p, p, p], cfg, ["alpha", "beta", None])]
     assert mixed == singles
     assert len(set(singles)) > 1  # the adapters really change the output
+
+
+def test_answer_top_k_keeps_the_relevant_chunks_in_document_order(tiny_lloco):
+    para = [f"Paragraph {i} talks about gardening and weather in plain words." for i in range(24)]
+    doc = " ".join(para[:12] + ["The lighthouse keeper's cat is called Biscuit."] + para[12:])
+    cfg = GenerationConfig(max_new_tokens=2)
+    whole = tiny_lloco.answer("What is the lighthouse keeper's cat called?", [doc], config=cfg)
+    picked = tiny_lloco.answer("What is the lighthouse keeper's cat called?", [doc], config=cfg, top_k=2)
+    assert len(whole.chunks) > 2 and len(picked.chunks) == 2
+    assert picked.prompt_tokens < whole.prompt_tokens
+    assert any("Biscuit" in c.text for c in tiny_lloco.store.chunks(picked.chunks))
+    assert [whole.chunks.index(k) for k in picked.chunks] == sorted(whole.chunks.index(k) for k in picked.chunks)
+    with pytest.raises(ValueError, match="top_k"):
+        tiny_lloco.answer("q?", [doc], top_k=0)
+    with pytest.raises(ValueError, match="accumulate"):
+        tiny_lloco.answer("q?", [doc], top_k=2, accumulate=True)
