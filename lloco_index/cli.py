@@ -255,7 +255,8 @@ def cmd_info(args) -> None:
         f"fingerprint:      {stats['fingerprint']}"]))
 
 
-def _pairs(options: list[str]) -> tuple[dict[str, str], list[str]]:
+def split_options(options: list[str]) -> tuple[dict[str, str], list[str]]:
+    """``--name value`` pairs (dashes in names become underscores) and the remaining positional arguments."""
     pairs, rest, it = {}, [], iter(options)
     for tok in it:
         if tok.startswith("--"):
@@ -269,7 +270,7 @@ def cmd_train(args) -> None:
     from .train import TrainConfig, train_compressor, train_finetune
 
     logging.getLogger("lloco_index").setLevel(logging.INFO)
-    pairs, rest = _pairs(args.options)
+    pairs, rest = split_options(args.options)
     if args.what == "corpus":
         from .corpus import build_corpus
         from .models import load_base_model

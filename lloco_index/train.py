@@ -330,8 +330,10 @@ def evaluate(bb: Backbone, comp: ContextCompressor, sampler: TaskSampler, batche
     return res
 
 
-def train_compressor(cfg: TrainConfig) -> Path:
-    """Pretrain summary embeddings + encoder LoRA + decoder LoRA on qa/ae/lm tasks."""
+def train_compressor(cfg: TrainConfig, held_out_eval: bool = True) -> Path:
+    """Pretrain summary embeddings + encoder LoRA + decoder LoRA on qa/ae/lm tasks.
+
+    ``held_out_eval=False`` skips the periodic and final held-out evaluation (profiling runs)."""
     from accelerate import Accelerator
 
     acc = Accelerator(mixed_precision="bf16" if cfg.bf16 and torch.cuda.is_available() else "no")
@@ -344,7 +346,7 @@ def train_compressor(cfg: TrainConfig) -> Path:
     lora = [p for n, p in bb.model.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": lora, "lr": cfg.lr}, {"params": [comp.summary], "lr": cfg.summary_lr}],
                             weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    return _loop(cfg, acc, bb, comp, opt, sampler.step, held, batcher, cfg.max_steps)
+    return _loop(cfg, acc, bb, comp, opt, sampler.step, held if held_out_eval else None, batcher, cfg.max_steps)
 
 
 def train_finetune(cfg: TrainConfig) -> Path:
@@ -387,29 +389,40 @@ def train_finetune(cfg: TrainConfig) -> Path:
     return _loop(cfg, acc, bb, comp, opt, next_batch, None, DecoderBatcher(bb), total)
 
 
+def _phase(name: str):
+    """A named range for ``scripts/profile_train.py`` (torch.profiler); costs nothing when not profiling."""
+    return torch.profiler.record_function(f"train/{name}")
+
+
 def _loop(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int) -> Path:
     out = Path(cfg.out_dir)
     t0, tokens, step, log = time.time(), 0, 0, []
     params = [p for g in opt.param_groups for p in g["params"]]
     while step < total and (time.time() - t0) < cfg.max_minutes * 60:
-        task, exs = next_batch()
+        with _phase("sample"):
+            task, exs = next_batch()
         for g, base in zip(opt.param_groups, (cfg.lr, cfg.summary_lr)):
             g["lr"] = _lr(step, cfg, base, max(step / total, (time.time() - t0) / (cfg.max_minutes * 60)))
         with acc.autocast():
-            if exs[0].vectors is None:
-                vecs = encode_chunks(comp, exs, cfg.grad_segments)
-            else:
-                vecs = [[v.to(bb.device, bb.dtype) for v in e.vectors] for e in exs]
-            x, labels = batcher(vecs, [e.question for e in exs], [e.answer for e in exs])
-            loss, tok_acc = answer_loss(bb, x, labels)
-        acc.backward(loss)
+            with _phase("encode"):
+                if exs[0].vectors is None:
+                    vecs = encode_chunks(comp, exs, cfg.grad_segments)
+                else:
+                    vecs = [[v.to(bb.device, bb.dtype) for v in e.vectors] for e in exs]
+            with _phase("decoder_batch"):
+                x, labels = batcher(vecs, [e.question for e in exs], [e.answer for e in exs])
+            with _phase("decoder_loss"):
+                loss, tok_acc = answer_loss(bb, x, labels)
+        with _phase("backward"):
+            acc.backward(loss)
         if acc.num_processes > 1:  # no DDP wrapper (adapters switch per pass): average grads by hand
             for p in params:
                 if p.grad is not None:
                     p.grad = acc.reduce(p.grad, "mean")
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with _phase("optimizer"):
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         tokens += sum(len(c) for e in exs for c in e.chunks) + x.shape[0] * x.shape[1]  # encoder + decoder
         step += 1
         if step % 20 == 0 and acc.is_main_process:
@@ -417,7 +430,8 @@ def _loop(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int) -> Pat
             logger.info("step %d %s loss %.3f acc %.3f | %.0f tok/s | %.1f min", step, task, loss.item(),
                         tok_acc.item(), tokens / el, el / 60)
         if step % cfg.eval_every == 0 and acc.is_main_process and held is not None:
-            ev = evaluate(bb, comp, held, batcher)
+            with _phase("eval"):
+                ev = evaluate(bb, comp, held, batcher)
             log.append({"step": step, "minutes": round((time.time() - t0) / 60, 2), **ev})
             logger.info("eval %s", ev)
         if step % cfg.save_every == 0 and acc.is_main_process:
