@@ -139,3 +139,12 @@ class TestLocalEmbeddingsStandard(EmbeddingsUnitTests):
     @property
     def embeddings_class(self) -> type[LocalEmbeddings]:
         return LocalEmbeddings
+
+
+def test_compressor_expand_keeps_the_first_documents_as_text(tiny_lloco):
+    out = LLoCODocumentCompressor(lloco=tiny_lloco, expand=1).compress_documents(docs(), "who?")
+    assert out[0] == docs()[0]  # the retriever's best stays as it was
+    assert all(d.page_content == tiny_lloco.store.sentinel(d.metadata["lloco_key"]) for d in out[1:])
+    assert [d.id for d in out] == ["d0", "d1", "d2"]
+    with pytest.raises(ValidationError):
+        LLoCODocumentCompressor(lloco=tiny_lloco, expand=-1)

@@ -147,3 +147,15 @@ async def test_async_does_not_block_the_event_loop(tiny_lloco):
     release.set()
     done = await asyncio.gather(*calls)
     assert done[0].text == done[1].message.content  # same single user turn under the chat template
+
+
+def test_postprocessor_expand_keeps_the_best_nodes_as_text(tiny_lloco):
+    nodes = fake_nodes()  # scores 0.9, 0.5, None
+    nodes[0].score, nodes[1].score = 0.5, 0.9
+    out = LLoCOPostprocessor(lloco=tiny_lloco, expand=1).postprocess_nodes(nodes, query_str="who?")
+    assert [n.node_id for n in out] == ["n0", "n1", "n2"]  # order and scores untouched
+    assert out[1].node.text == TEXTS[1] and "lloco_key" not in out[1].node.metadata  # best score stays text
+    assert [n.node.text for n in (out[0], out[2])] == [tiny_lloco.store.sentinel(n.node.metadata["lloco_key"])
+                                                       for n in (out[0], out[2])]
+    with pytest.raises(ValueError):
+        LLoCOPostprocessor(lloco=tiny_lloco, expand=-1)

@@ -36,7 +36,8 @@ class _Compressing(LLoCOBacked):
 
 class LLoCODocumentCompressor(_Compressing, BaseDocumentCompressor,
                               RunnableSerializable[Sequence[Document], list[Document]]):
-    """Replace documents' text with sentinels for ``LLoCOLLM``/``ChatLLoCO`` (same store).
+    """Replace documents' text with sentinels for ``LLoCOLLM``/``ChatLLoCO`` (same store); ``expand=1`` keeps
+    the retriever's best document as text, the mode docs/quality.md measures best.
 
     Example::
 
@@ -45,12 +46,16 @@ class LLoCODocumentCompressor(_Compressing, BaseDocumentCompressor,
         docs[0].page_content, docs[0].metadata["lloco_text"][:40]    # '<lloco:...>', the original text
     """
 
+    expand: int = Field(default=0, ge=0, description="the first N documents (the retriever's best) stay as text "
+                        "(selective re-expansion: the facts compression blurs), the others become vectors")
+
     def compress_documents(self, documents: Sequence[Document], query: str = "",
                            callbacks: Callbacks | None = None) -> Sequence[Document]:
         """``query`` is unused: each chunk is compressed on its own, once, whatever the question."""
-        return [d if ref is None else Document(id=d.id, page_content=ref[1],
-                                               metadata={**d.metadata, KEY_KEY: ref[0], TEXT_KEY: d.page_content})
-                for d, ref in zip(documents, self._refs(documents))]
+        keep, rest = list(documents[:self.expand]), documents[self.expand:]
+        return keep + [d if ref is None else Document(id=d.id, page_content=ref[1],
+                                                      metadata={**d.metadata, KEY_KEY: ref[0], TEXT_KEY: d.page_content})
+                       for d, ref in zip(rest, self._refs(rest))]
 
     def invoke(self, input: Sequence[Document], config: Optional[RunnableConfig] = None,
                **kwargs: Any) -> list[Document]:

@@ -52,7 +52,8 @@ class _UsesLLoCO(BaseModel):
 
 
 class LLoCOPostprocessor(_UsesLLoCO, BaseNodePostprocessor):
-    """Replace retrieved nodes' text with sentinels for ``LLoCOLLM`` (same store).
+    """Replace retrieved nodes' text with sentinels for ``LLoCOLLM`` (same store); ``expand=1`` keeps the
+    best node as text, the mode docs/quality.md measures best.
 
     Example::
 
@@ -61,15 +62,20 @@ class LLoCOPostprocessor(_UsesLLoCO, BaseNodePostprocessor):
         restore_text(response.source_nodes)[0].text      # the original chunk text
     """
 
+    expand: int = Field(default=0, ge=0, description="the N highest-scoring nodes stay as text (selective "
+                        "re-expansion: the facts compression blurs), the others become vectors")
+
     @classmethod
     def class_name(cls) -> str:
         return "LLoCOPostprocessor"
 
     def _postprocess_nodes(self, nodes: List[NodeWithScore],
                            query_bundle: Optional[QueryBundle] = None) -> List[NodeWithScore]:
-        refs = self._compress([n.node for n in nodes])
-        return [n if ref is None else NodeWithScore(node=_swap(n.node, *ref), score=n.score)
-                for n, ref in zip(nodes, refs)]
+        keep = set(sorted(range(len(nodes)), key=lambda i: -(nodes[i].score or 0.0))[:self.expand])
+        todo = [i for i in range(len(nodes)) if i not in keep]
+        refs = dict(zip(todo, self._compress([nodes[i].node for i in todo])))
+        return [n if refs.get(i) is None else NodeWithScore(node=_swap(n.node, *refs[i]), score=n.score)
+                for i, n in enumerate(nodes)]
 
 
 class LLoCOIngestor(_UsesLLoCO, TransformComponent):
