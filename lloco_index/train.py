@@ -78,6 +78,7 @@ class TrainConfig:
     epochs: int = 3  # finetune only
     batch_size: int = 8  # finetune only
     eval_every: int = 200
+    eval_examples: int = 32  # held-out examples per eval task (tests shrink it; eval dominates tiny runs)
     save_every: int = 500
     seed: int = 0
     bf16: bool = True
@@ -164,17 +165,19 @@ class TaskSampler:
         so the encoder must keep every fact, not guess which one matters."""
         facts = [make_fact(self.rng) for _ in range(self.rng.randint(1, self.cfg.max_facts))]
         chunks = [self.corpus.window(self.nrng, length) for _ in range(n_chunks)]
-        where = []
+        placed: dict[int, list[list[int]]] = {}
         for sentence in (s for f in facts for s in f.sentences):
-            ci = self.rng.randrange(n_chunks)
-            ids = self._tokens(" " + sentence)
-            base = chunks[ci][: max(1, len(chunks[ci]) - len(ids))]
+            placed.setdefault(self.rng.randrange(n_chunks), []).append(self._tokens(" " + sentence))
+        for ci, inserts in placed.items():  # one chunk at a time: trimming room never cuts a fact placed before
+            base = chunks[ci][: max(1, len(chunks[ci]) - sum(map(len, inserts)))]
             cuts = [i + 1 for i, t in enumerate(base) if t in self.sentence_end] or [len(base)]
-            at = self.rng.choice(cuts + [0])
-            chunks[ci] = base[:at] + ids + base[at:]
-            where.append(ci)
+            new, prev = [], 0
+            for at, ids in zip(sorted(self.rng.choice(cuts + [0]) for _ in inserts), inserts):
+                new += base[prev:at] + ids
+                prev = at
+            chunks[ci] = new + base[prev:]
         asked = self.rng.choice(facts)
-        return self._maybe_expand(Example(chunks, asked.question, self._tokens(asked.answer), sorted(set(where))))
+        return self._maybe_expand(Example(chunks, asked.question, self._tokens(asked.answer), sorted(placed)))
 
     def _maybe_expand(self, ex: Example) -> Example:
         """Give one chunk as text: usually the one holding the answer, sometimes a distractor, so the
@@ -294,7 +297,7 @@ def save_checkpoint(bb: Backbone, comp: ContextCompressor, out: Path, cfg: Train
         cfg_file = f.with_name("adapter_config.json")  # name the base model portably, not by cache path
         cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "base_model_name_or_path": cfg.base_model},
                                        indent=2))
-    meta = {"train_config": asdict(cfg), "compressor_fingerprint": comp.fingerprint(), **state}
+    meta = {"train_config": asdict(cfg), "compressor_fingerprint": _saved_fingerprint(comp), **state}
     (out / "training_state.json").write_text(json.dumps(meta, indent=2))
 
 
@@ -304,6 +307,24 @@ def _halve(path: Path) -> None:
 
     tensors = {k: v.half() if v.dtype == torch.float32 else v for k, v in load_file(str(path)).items()}
     save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+@torch.no_grad()
+def _saved_fingerprint(comp: ContextCompressor) -> str:
+    """The fingerprint the compressor has once loaded from disk: its encoder LoRA is stored as fp16
+    (``_halve``), so fingerprint fp16-rounded weights; the in-memory fp32 ones would name no store."""
+    lora = [p for n, p in comp.backbone.model.named_parameters()
+            if "lora_" in n and ENCODER_ADAPTER in n and p.dtype == torch.float32]
+    kept = [p.data for p in lora]
+    for p in lora:
+        p.data = p.data.half().float()
+    comp._fingerprint = None
+    try:
+        return comp.fingerprint()
+    finally:
+        for p, d in zip(lora, kept):
+            p.data = d
+        comp._fingerprint = None
 
 
 @torch.no_grad()
@@ -431,14 +452,14 @@ def _loop(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int) -> Pat
                         tok_acc.item(), tokens / el, el / 60)
         if step % cfg.eval_every == 0 and acc.is_main_process and held is not None:
             with _phase("eval"):
-                ev = evaluate(bb, comp, held, batcher)
+                ev = evaluate(bb, comp, held, batcher, cfg.eval_examples)
             log.append({"step": step, "minutes": round((time.time() - t0) / 60, 2), **ev})
             logger.info("eval %s", ev)
         if step % cfg.save_every == 0 and acc.is_main_process:
             save_checkpoint(bb, comp, out, cfg, {"step": step, "eval": log})
     el = time.time() - t0
     if acc.is_main_process:
-        final = evaluate(bb, comp, held, batcher) if held is not None else {}
+        final = evaluate(bb, comp, held, batcher, cfg.eval_examples) if held is not None else {}
         log.append({"step": step, "minutes": round(el / 60, 2), **final})
         save_checkpoint(bb, comp, out, cfg, {"step": step, "eval": log, "tokens": tokens,
                                              "tokens_per_s": round(tokens / el), "seconds": round(el)})

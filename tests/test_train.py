@@ -1,0 +1,326 @@
+"""Training on the tiny random LLaMA: task sampling, answer-only loss, checkpoints, seeding, finetuning, CLI.
+
+Runs are a few steps of tiny configs (segments of 32 tokens -> 4 vectors, <= 3 chunks, eval on 2
+examples), so the file stays fast; they check what a real run relies on, not the loss going down.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from conftest import CORPUS
+from lloco_index.compressor import ContextCompressor
+from lloco_index.corpus import Corpus, build_corpus
+from lloco_index.generation import Generator
+from lloco_index.prompts import SYSTEM_PROMPT, qa_pieces
+from lloco_index.train import (AE_QUESTION, DECODER_ADAPTER, DecoderBatcher, Example, TaskSampler, TrainConfig,
+                               answer_loss, encode_chunks, setup_models, train_compressor, train_finetune)
+
+# every field a tiny run changes from the production defaults (also the CLI flags of the CLI test)
+TINY = dict(segment_tokens=32, summary_tokens=4, encoder_r=2, encoder_alpha=4, decoder_r=2, decoder_alpha=4,
+            task_mix="qa:1,cloze:1,ae:1,lm:1", max_chunks=3, segments_per_step=4, grad_segments=2, lm_tokens=16,
+            warmup_steps=1, max_steps=3, eval_every=1000, save_every=1000, eval_examples=2, bf16=False)
+ADAPTERS = ("compressor/encoder/adapter_model.safetensors", "decoder/adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tiny_model_dir, tmp_path_factory) -> Path:
+    """The sample texts, repeated so the 2% held-out tail still fits an eval window, as a token .npz."""
+    from transformers import AutoTokenizer
+
+    tmp = tmp_path_factory.mktemp("corpus")
+    (tmp / "src.txt").write_text("\n\n".join(p.read_text() for p in CORPUS) * 8)
+    build_corpus([tmp / "src.txt"], AutoTokenizer.from_pretrained(tiny_model_dir), tmp / "corpus.npz", 10**6,
+                 min_doc_tokens=0)
+    return tmp / "corpus.npz"
+
+
+def tiny_cfg(model_dir: Path, corpus: Path, out_dir: Path, **kw) -> TrainConfig:
+    return TrainConfig(out_dir=str(out_dir), base_model=str(model_dir), corpus=str(corpus), **{**TINY, **kw})
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def sampler(tiny_model_dir, corpus_file, tokenizer) -> TaskSampler:
+    cfg = tiny_cfg(tiny_model_dir, corpus_file, Path("unused"))
+    return TaskSampler(Corpus.load(corpus_file).split()[0], tokenizer, cfg, seed=0)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model_dir, corpus_file):
+    """A fresh backbone with encoder + decoder LoRA and an untrained compressor, as training sets them up."""
+    torch.manual_seed(0)
+    return setup_models(tiny_cfg(tiny_model_dir, corpus_file, Path("unused")), torch.device("cpu"), train_encoder=True)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tiny_model_dir, corpus_file, tmp_path_factory) -> tuple[TrainConfig, Path]:
+    """One 3-step compressor pretraining run, shared by the checkpoint, seeding and finetune tests."""
+    cfg = tiny_cfg(tiny_model_dir, corpus_file, tmp_path_factory.mktemp("pretrain") / "run")
+    return cfg, train_compressor(cfg)
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def _same_tensors(a: Path, b: Path) -> bool:
+    ta, tb = _tensors(a), _tensors(b)
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+# -- answer-only loss ---------------------------------------------------------------------------
+def _batch(models, tokenizer):
+    """Two prompts (vectors, and vectors + a text chunk) with answers of different lengths."""
+    bb, _ = models
+    torch.manual_seed(1)
+    h = bb.hidden_size
+    vectors = [[torch.randn(4, h, requires_grad=True)],
+               [torch.randn(4, h, requires_grad=True), "The ferry leaves at noon.", torch.randn(4, h, requires_grad=True)]]
+    questions = ["Who keeps the lighthouse?", "When does the ferry leave?"]
+    answers = [tokenizer(" Miriam Okafor", add_special_tokens=False)["input_ids"],
+               tokenizer(" noon", add_special_tokens=False)["input_ids"]]
+    return vectors, questions, answers
+
+
+def test_decoder_batcher_labels_only_answer_and_eos(models, tokenizer):
+    bb, _ = models
+    vectors, questions, answers = _batch(models, tokenizer)
+    x, labels = DecoderBatcher(bb)(vectors, questions, answers)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    gen = Generator(bb)
+    assert x.shape[:2] == labels.shape
+    for i, (v, q, ans) in enumerate(zip(vectors, questions, answers)):
+        start = gen.embed_pieces(gen.chat_pieces(qa_pieces(v, q), system=SYSTEM_PROMPT)).shape[0]
+        end = start + len(ans) + 1
+        assert labels[i, start:end].tolist() == ans + [eos]
+        assert (labels[i, :start] == -100).all() and (labels[i, end:] == -100).all()
+        # teacher forcing: the answer tokens themselves are the decoder input there; right padding is zeros
+        torch.testing.assert_close(x[i, start:end], bb.embed(torch.tensor(ans + [eos])))
+        assert (x[i, end:] == 0).all()
+
+
+def test_answer_loss_is_cross_entropy_on_answer_tokens(models, tokenizer):
+    bb, _ = models
+    vectors, questions, answers = _batch(models, tokenizer)
+    x, labels = DecoderBatcher(bb)(vectors, questions, answers)
+    loss, acc = answer_loss(bb, x, labels)
+    with torch.no_grad(), bb.use(DECODER_ADAPTER):
+        logits = bb.model(inputs_embeds=x).logits.float()
+    pos = [(i, t) for i in range(x.shape[0]) for t in range(x.shape[1] - 1) if labels[i, t + 1] != -100]
+    assert len(pos) == sum(len(a) + 1 for a in answers)
+    ce = torch.stack([F.cross_entropy(logits[i, t], labels[i, t + 1]) for i, t in pos]).mean()
+    hits = torch.tensor([float(logits[i, t].argmax() == labels[i, t + 1]) for i, t in pos]).mean()
+    torch.testing.assert_close(loss.detach(), ce, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(acc, hits)
+    loss.backward()  # the loss reaches the compressed vectors (so the encoder can learn from it)
+    for v in (p for row in vectors for p in row if isinstance(p, torch.Tensor)):
+        assert v.grad is not None and v.grad.abs().sum() > 0
+
+
+# -- task sampling ------------------------------------------------------------------------------
+def test_qa_answer_is_in_a_grad_chunk(sampler, tokenizer):
+    """Over many examples, the asked fact's answer is in a chunk marked for gradients (no later fact
+    placed in the same chunk may cut it off)."""
+    for n in (1, 2, 3):
+        for _ in range(60):
+            ex = sampler.qa(n, 32)
+            assert len(ex.chunks) == n and ex.grad_chunks and set(ex.grad_chunks) <= set(range(n))
+            answer = tokenizer.decode(ex.answer)
+            assert any(answer in tokenizer.decode(ex.chunks[j]) for j in ex.grad_chunks), (answer, ex.chunks)
+
+
+def test_cloze_blank_comes_from_its_grad_chunk(sampler, tokenizer):
+    for _ in range(20):
+        ex = sampler.cloze(3, 32)
+        if ex.question == AE_QUESTION:  # no usable sentence: falls back to autoencoding
+            continue
+        assert "____" in ex.question and len(ex.grad_chunks) == 1
+        assert tokenizer.decode(ex.answer) in tokenizer.decode(ex.chunks[ex.grad_chunks[0]])
+
+
+def test_ae_answer_is_its_chunk(sampler):
+    ex = sampler.ae(1, 32)
+    assert ex.chunks == [ex.answer] and len(ex.answer) == 32
+    assert ex.question == AE_QUESTION and ex.grad_chunks == [0]
+
+
+def test_lm_answer_follows_the_chunks_in_the_corpus(sampler):
+    ex = sampler.lm(2, 32)
+    assert [len(c) for c in ex.chunks] == [32, 32] and len(ex.answer) == 16 and ex.grad_chunks == [0, 1]
+    seq = np.asarray(ex.chunks[0] + ex.chunks[1] + ex.answer)
+    windows = np.lib.stride_tricks.sliding_window_view(sampler.corpus.tokens, len(seq))
+    assert (windows == seq).all(axis=1).any()
+
+
+def test_expand_gives_one_text_chunk(models, sampler, tokenizer):
+    _, comp = models
+    expand = TaskSampler(sampler.corpus, tokenizer, replace(sampler.cfg, expand_prob=1.0), seed=3)
+    assert expand.qa(1, 32).text_chunks == []  # a single chunk is never given as text
+    ex = expand.qa(3, 32)
+    assert len(ex.text_chunks) == 1
+    (row,) = encode_chunks(comp, [ex], grad_budget=1)
+    for j, piece in enumerate(row):
+        if j in ex.text_chunks:
+            assert piece == tokenizer.decode(ex.chunks[j])
+        else:
+            assert isinstance(piece, torch.Tensor) and piece.shape == (4, comp.backbone.hidden_size)
+
+
+def test_sampler_is_deterministic_for_a_seed(sampler, tokenizer):
+    def steps(seed: int) -> list:
+        s = TaskSampler(sampler.corpus, tokenizer, sampler.cfg, seed=seed)
+        return [s.step() for _ in range(6)]
+
+    assert steps(5) == steps(5)
+    assert steps(5) != steps(6)
+
+
+# -- encoding -----------------------------------------------------------------------------------
+def test_encode_chunks_grad_budget(models, sampler):
+    _, comp = models
+    c = [sampler.corpus.window(np.random.default_rng(i), 32 if i % 2 else 20) for i in range(6)]
+    exs = [Example(c[0:3], "q", [1], grad_chunks=[0, 2]), Example(c[3:4], "q", [1], grad_chunks=[0]),
+           Example(c[4:6], "q", [1], grad_chunks=[1])]
+    wanted = [(0, 0), (0, 2), (1, 0), (2, 1)]  # grad chunks in prompt order
+    for budget in (0, 2, 10):
+        out = encode_chunks(comp, exs, budget)
+        with_grad = [(i, j) for i, row in enumerate(out) for j, v in enumerate(row) if v.requires_grad]
+        assert with_grad == wanted[:budget]
+    for ex, row in zip(exs, out):  # batching by length changes nothing: each equals encoding it alone
+        for chunk, v in zip(ex.chunks, row):
+            torch.testing.assert_close(v.detach(), comp.encode_segments([chunk])[0], atol=1e-5, rtol=1e-5)
+
+
+# -- compressor pretraining ---------------------------------------------------------------------
+def test_train_compressor_writes_safetensors_checkpoint(pretrained, tiny_model_dir):
+    from lloco_index.backbone import Backbone
+
+    cfg, out = pretrained
+    assert (out / "compressor" / "compressor_config.json").is_file()
+    assert (out / "compressor" / "summary_embeddings.safetensors").is_file()
+    for folder in ("compressor/encoder", "decoder"):
+        adapter = json.loads((out / folder / "adapter_config.json").read_text())
+        assert adapter["peft_type"] == "LORA" and adapter["base_model_name_or_path"] == cfg.base_model
+        weights = _tensors(out / folder / "adapter_model.safetensors")
+        assert weights and all(t.dtype == torch.float16 for t in weights.values())
+    assert not [f for f in out.rglob("*") if f.suffix in (".bin", ".pt", ".pth", ".pkl")]
+    state = json.loads((out / "training_state.json").read_text())
+    assert state["train_config"] == json.loads(json.dumps(vars(cfg)))
+    assert state["step"] == cfg.max_steps and state["tokens"] > 0
+    final = state["eval"][-1]
+    assert all(math.isfinite(final[k]) for k in final if k.endswith("_loss"))
+    assert {"qa8_loss", "qa32_em", "ae1_acc", "lm2_loss"} <= final.keys()
+    comp = ContextCompressor.from_pretrained(Backbone.from_pretrained(str(tiny_model_dir), device="cpu"),
+                                             out / "compressor")
+    assert comp.config.has_encoder_adapter and comp.config.segment_tokens == 32 and comp.config.summary_tokens == 4
+    assert comp.fingerprint() == state["compressor_fingerprint"]  # a store made at train time fits the loaded one
+
+
+def test_init_from_loads_saved_adapters(pretrained):
+    from peft import get_peft_model_state_dict
+
+    from lloco_index.compressor import ENCODER_ADAPTER
+
+    cfg, out = pretrained
+    bb, comp = setup_models(replace(cfg, init_from=str(out)), torch.device("cpu"), train_encoder=True)
+    for name, folder in ((ENCODER_ADAPTER, "compressor/encoder"), (DECODER_ADAPTER, "decoder")):
+        saved = _tensors(out / folder / "adapter_model.safetensors")
+        loaded = get_peft_model_state_dict(bb.model, adapter_name=name)
+        assert saved.keys() == loaded.keys()
+        for k in saved:
+            assert torch.equal(loaded[k].half(), saved[k]), k
+    torch.testing.assert_close(comp.summary.detach(), _tensors(out / "compressor/summary_embeddings.safetensors")
+                               ["summary_embeddings"], atol=0, rtol=0)
+    trainable = [n for n, p in bb.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any(ENCODER_ADAPTER in n for n in trainable) and any(f".{DECODER_ADAPTER}." in n for n in trainable)
+    assert comp.summary.requires_grad
+    assert comp.fingerprint() == json.loads((out / "training_state.json").read_text())["compressor_fingerprint"]
+
+
+# -- finetuning ---------------------------------------------------------------------------------
+def _write_qa(path: Path, answers: list[list[str]]) -> Path:
+    texts = [p.read_text() for p in CORPUS]
+    rows = [{"id": f"ex{i}", "documents": [texts[i % 2][:300 + 100 * i]], "question": f"Question {i}?",
+             "answers": a} for i, a in enumerate(answers)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_finetune_trains_decoder_only_and_reuses_store(pretrained, tmp_path):
+    from lloco_index.store import CompressedStore
+
+    base, pre = pretrained
+    qa = _write_qa(tmp_path / "qa.jsonl", [["the museum"], ["1897"], ["Miriam"]])
+    cfg = replace(base, out_dir=str(tmp_path / "ft"), qa_file=str(qa), init_from=str(pre), epochs=1, batch_size=2,
+                  max_steps=100)
+    out = train_finetune(cfg)
+    for f in ("compressor/summary_embeddings.safetensors", "compressor/encoder/adapter_model.safetensors"):
+        assert _same_tensors(pre / f, out / f), f  # the compressor is frozen
+    assert not _same_tensors(pre / "decoder/adapter_model.safetensors", out / "decoder/adapter_model.safetensors")
+    state = json.loads((out / "training_state.json").read_text())
+    fingerprint = json.loads((pre / "training_state.json").read_text())["compressor_fingerprint"]
+    assert state["step"] == 2 and state["compressor_fingerprint"] == fingerprint
+
+    store = CompressedStore(out / "store")
+    shards = sorted(p.name for p in (out / "store").rglob("*") if p.is_file() and "shards" in p.parts)
+    assert store.fingerprint == fingerprint and store.stats()["chunks"] > 3 and shards
+    train_finetune(cfg)  # same documents again: every chunk comes from the store
+    assert CompressedStore(out / "store").stats()["chunks"] == store.stats()["chunks"]
+    assert sorted(p.name for p in (out / "store").rglob("*") if p.is_file() and "shards" in p.parts) == shards
+
+
+def test_finetune_input_errors(pretrained, tmp_path):
+    base, pre = pretrained
+    with pytest.raises(ValueError, match="--qa_file"):
+        train_finetune(replace(base, out_dir=str(tmp_path / "a")))
+    qa = _write_qa(tmp_path / "qa.jsonl", [["ok"], []])
+    with pytest.raises(ValueError, match="'ex1' has no answer"):
+        train_finetune(replace(base, out_dir=str(tmp_path / "b"), qa_file=str(qa), init_from=str(pre)))
+
+
+# -- configuration and CLI ----------------------------------------------------------------------
+def test_train_config_from_args():
+    cfg = TrainConfig.from_args({"max_steps": "7", "lr": "1e-3", "expand_prob": "1", "task_mix": "qa:1",
+                                 "bf16": "false"})
+    assert (cfg.max_steps, cfg.lr, cfg.expand_prob, cfg.task_mix, cfg.bf16) == (7, 1e-3, 1.0, "qa:1", False)
+    assert type(cfg.max_steps) is int and type(cfg.expand_prob) is float
+    assert cfg.segment_tokens == TrainConfig().segment_tokens  # untouched fields keep their defaults
+    for text, value in (("1", True), ("true", True), ("Yes", True), ("0", False), ("False", False), ("no", False)):
+        assert TrainConfig.from_args({"bf16": text}).bf16 is value
+    with pytest.raises(ValueError, match=r"unknown training option --max_step; valid: .*max_steps"):
+        TrainConfig.from_args({"max_step": "3"})
+    with pytest.raises(ValueError):
+        TrainConfig.from_args({"max_steps": "2.5"})
+
+
+def test_cli_run_reproduces_api_run_bit_for_bit(pretrained, tmp_path, capsys):
+    """`lloco train compressor` with the same options and seed as the API run: the CLI parses every flag
+    to the same config, and training is deterministic for a seed (identical adapter files)."""
+    from lloco_index.cli import main
+
+    cfg, first = pretrained
+    options = {**TINY, "base_model": cfg.base_model, "corpus": cfg.corpus, "out_dir": str(tmp_path / "cli"),
+               "seed": cfg.seed}
+    assert main(["train", "compressor", *[a for k, v in options.items() for a in (f"--{k}", str(v))]]) == 0
+    assert f"saved to {tmp_path / 'cli'}" in capsys.readouterr().out
+    state = json.loads((tmp_path / "cli" / "training_state.json").read_text())
+    assert state["train_config"] == json.loads(json.dumps(vars(replace(cfg, out_dir=options["out_dir"]))))
+    for f in ADAPTERS + ("compressor/summary_embeddings.safetensors",):
+        assert (tmp_path / "cli" / f).read_bytes() == (first / f).read_bytes(), f
