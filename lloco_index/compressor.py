@@ -147,17 +147,19 @@ class ContextCompressor:
     def fingerprint(self) -> str:
         """Hash of config, summary embeddings, encoder adapter and a sample of base weights.
 
-        Two compressors with the same fingerprint produce the same vectors, so a store keyed by it
-        can never serve vectors from another compressor.
+        Two compressors with the same fingerprint produce the same vectors (up to the compute dtype), so a
+        store keyed by it can never serve vectors from another compressor. Weights are hashed rounded to
+        bf16, so the same compressor has the same fingerprint in fp32 on a CPU and in bf16 on a GPU: a
+        store ingested on a GPU serves a CPU.
         """
         if self._fingerprint is None:
             h = hashlib.sha256(json.dumps(asdict(self.config), sort_keys=True).encode())
-            h.update(self.summary.detach().float().cpu().numpy().tobytes())
+            h.update(_canonical(self.summary))
             for name, p in sorted(self.backbone.model.named_parameters()):
                 if "lora_" in name and ENCODER_ADAPTER not in name:
                     continue  # decoder adapters do not change the vectors
                 h.update(name.encode() + str(tuple(p.shape)).encode())
-                h.update(p.detach().flatten()[:2048].float().cpu().numpy().tobytes())
+                h.update(_canonical(p.flatten()[:2048]))
             self._fingerprint = h.hexdigest()[:32]
         return self._fingerprint
 
@@ -245,3 +247,8 @@ class ContextCompressor:
                 for i, v in zip(idx, vecs):
                     memory[i] = torch.cat([memory[i], v])
         return [m.to("cpu") for m in memory]
+
+
+def _canonical(t: torch.Tensor) -> bytes:
+    """Bytes of ``t`` rounded to bf16 (then widened), whatever dtype and device it is held in."""
+    return t.detach().to(torch.bfloat16).float().cpu().numpy().tobytes()

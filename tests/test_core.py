@@ -159,3 +159,16 @@ def test_answer_top_k_keeps_the_relevant_chunks_in_document_order(tiny_lloco):
         tiny_lloco.answer("q?", [doc], top_k=0)
     with pytest.raises(ValueError, match="accumulate"):
         tiny_lloco.answer("q?", [doc], top_k=2, accumulate=True)
+
+
+def test_fingerprint_is_the_same_in_fp32_and_bf16(tiny_lloco):
+    """A store ingested on a GPU (bf16) must serve the same compressor on a CPU (fp32)."""
+    comp = tiny_lloco.compressor
+    fp32 = comp.fingerprint()
+    tiny_lloco.backbone.model.to(torch.bfloat16)
+    comp.summary.data = comp.summary.data.to(torch.bfloat16)
+    comp._fingerprint = None
+    assert comp.fingerprint() == fp32
+    comp.summary.data += 0.5  # a real change still shows
+    comp._fingerprint = None
+    assert comp.fingerprint() != fp32
