@@ -89,8 +89,16 @@ class TrainConfig:
         for k in pairs:
             if k not in fields:
                 raise ValueError(f"unknown training option --{k}; valid: {', '.join(sorted(fields))}")
-        return cls(**{k: type(getattr(cls(), k))(v) if not isinstance(getattr(cls(), k), bool)
-                      else v.lower() in ("1", "true", "yes") for k, v in pairs.items()})
+        return cls(**{k: _parse_bool(k, v) if isinstance(getattr(cls(), k), bool) else type(getattr(cls(), k))(v)
+                      for k, v in pairs.items()})
+
+
+def _parse_bool(name: str, value: str) -> bool:
+    """``--bf16 ture`` is a typo to report, not a silent False."""
+    v = value.lower()
+    if v not in ("1", "true", "yes", "0", "false", "no"):
+        raise ValueError(f"--{name} takes true/false (or 1/0, yes/no), got {value!r}")
+    return v in ("1", "true", "yes")
 
 
 def _lora(r: int, alpha: int, targets: str, dropout: float = 0.0):

@@ -308,6 +308,8 @@ def test_train_config_from_args():
         TrainConfig.from_args({"max_step": "3"})
     with pytest.raises(ValueError):
         TrainConfig.from_args({"max_steps": "2.5"})
+    with pytest.raises(ValueError, match="--bf16 takes true/false"):
+        TrainConfig.from_args({"bf16": "ture"})
 
 
 def test_cli_run_reproduces_api_run_bit_for_bit(pretrained, tmp_path, capsys):
