@@ -326,3 +326,22 @@ def test_cli_run_reproduces_api_run_bit_for_bit(pretrained, tmp_path, capsys):
     assert state["train_config"] == json.loads(json.dumps(vars(replace(cfg, out_dir=options["out_dir"]))))
     for f in ADAPTERS + ("compressor/summary_embeddings.safetensors",):
         assert (tmp_path / "cli" / f).read_bytes() == (first / f).read_bytes(), f
+
+
+def test_profile_script_reports_every_phase(tiny_model_dir, corpus_file, tmp_path):
+    """scripts/profile_train.py runs the real loop under torch.profiler and names each phase."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    argv = [sys.executable, str(root / "scripts" / "profile_train.py"), "--base_model", str(tiny_model_dir),
+            "--corpus", str(corpus_file), "--out_dir", str(tmp_path / "prof")]
+    for k, v in {**TINY, "max_steps": 2}.items():
+        argv += [f"--{k}", str(v)]
+    out = subprocess.run(argv, check=True, capture_output=True, text=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root)}).stdout
+    for phase in ("sample", "encode", "decoder_batch", "decoder_loss", "backward", "optimizer"):
+        line = next(x for x in out.splitlines() if x.strip().startswith(f"train/{phase} "))
+        assert line.endswith("(2 calls)")
+    assert (tmp_path / "prof" / "trace.json").stat().st_size > 0
