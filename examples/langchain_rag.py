@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--device", default=None, help="cuda/cpu (default: CUDA when available)")
     ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--expand", type=int, default=1, help="best retrieved chunks kept as text (0: all vectors)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     args = ap.parse_args(argv)
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     retriever = InMemoryVectorStore.from_documents(chunks, default_embeddings()).as_retriever(
         search_kwargs={"k": args.top_k})
     join = lambda found: "\n\n".join(d.page_content for d in found)  # noqa: E731
-    chain = ({"context": retriever | LLoCODocumentCompressor(lloco=lloco) | join, "question": RunnablePassthrough()}
+    chain = ({"context": retriever | LLoCODocumentCompressor(lloco=lloco, expand=args.expand) | join, "question": RunnablePassthrough()}
              | PROMPT | LLoCOLLM(lloco=lloco, max_tokens=args.max_new_tokens) | StrOutputParser())
     print(f"answer: {chain.invoke(args.question).strip()}")
     print("streamed: ", end="", flush=True)

@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--device", default=None, help="cuda/cpu (default: CUDA when available)")
     ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--expand", type=int, default=1, help="best retrieved chunks kept as text (0: all vectors)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     args = ap.parse_args(argv)
 
@@ -45,14 +46,14 @@ def main(argv: list[str] | None = None) -> int:
 
     index = VectorStoreIndex(nodes, embed_model=embed)
     llm = LLoCOLLM(lloco=lloco, max_new_tokens=args.max_new_tokens)
-    engine = index.as_query_engine(llm=llm, node_postprocessors=[LLoCOPostprocessor(lloco=lloco)],
+    engine = index.as_query_engine(llm=llm, node_postprocessors=[LLoCOPostprocessor(lloco=lloco, expand=args.expand)],
                                    similarity_top_k=args.top_k)
     response = engine.query(args.question)
     print(f"answer: {response.response.strip()}")
     for n in restore_text(response.source_nodes):
         print(f"  source {n.node.metadata.get('file_name')} (score {n.score:.2f}): {n.node.text[:60]!r}...")
 
-    streaming = index.as_query_engine(llm=llm, node_postprocessors=[LLoCOPostprocessor(lloco=lloco)],
+    streaming = index.as_query_engine(llm=llm, node_postprocessors=[LLoCOPostprocessor(lloco=lloco, expand=args.expand)],
                                       similarity_top_k=args.top_k, streaming=True)
     print("streamed: ", end="", flush=True)
     for delta in streaming.query(args.question).response_gen:
