@@ -39,6 +39,9 @@ class CompressorConfig:
     hidden_size: int = field(default=576, metadata={"help": "must equal the base model's hidden size"})
     has_encoder_adapter: bool = field(default=False, metadata={"help": "an encoder LoRA is in encoder/"})
     store_dtype: str = field(default="float16", metadata={"help": "dtype of cached vectors"})
+    vector_norm: float | None = field(default=None, metadata={
+        "help": "rescale each vector to this L2 norm (e.g. the mean token-embedding norm); None keeps the final "
+                "hidden states as they are, as AutoCompressor does"})
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -47,6 +50,9 @@ class CompressorConfig:
                 raise ValueError(f"compressor config: {name} must be an integer, got {getattr(self, name)!r}")
         if self.segment_tokens < 1 or self.summary_tokens < 1:
             raise ValueError("segment_tokens and summary_tokens must be >= 1")
+        norm = self.vector_norm
+        if norm is not None and not (isinstance(norm, (int, float)) and not isinstance(norm, bool) and norm > 0):
+            raise ValueError(f"compressor config: vector_norm must be a positive number or null, got {norm!r}")
         if self.store_dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError(f"store_dtype must be float16, bfloat16 or float32, got {self.store_dtype!r}")
 
@@ -196,7 +202,10 @@ class ContextCompressor:
             # vocabulary projection (the costliest matmul for a small model) is skipped
             out = bb.model.get_decoder()(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                          use_cache=False)
-        return out.last_hidden_state[:, -k:]
+        vectors = out.last_hidden_state[:, -k:]
+        if self.config.vector_norm is not None:  # final-norm outputs can dwarf token embeddings (SmolLM2: 53 vs 3.2)
+            vectors = vectors * (self.config.vector_norm / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+        return vectors
 
     @torch.inference_mode()
     def compress(self, texts: str | list[str], batch_size: int = 16, show_progress_bar: bool = False,

@@ -58,6 +58,7 @@ class TrainConfig:
     encoder_r: int = 16
     encoder_alpha: int = 32
     encoder_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    rescale_vectors: bool = False  # new compressors: vectors rescaled to the mean token-embedding norm
     decoder_r: int = 16
     decoder_alpha: int = 32
     decoder_dropout: float = 0.0
@@ -116,9 +117,10 @@ def setup_models(cfg: TrainConfig, device: torch.device, train_encoder: bool):
         if comp.encoder_adapter and train_encoder:
             bb.load_adapter(init / "compressor" / "encoder", ENCODER_ADAPTER, trainable=True)
     else:
+        norm = bb.model.get_input_embeddings().weight.detach().float().norm(dim=-1).mean().item()
         comp = ContextCompressor.untrained(bb, CompressorConfig(
             base_model=cfg.base_model, segment_tokens=cfg.segment_tokens, summary_tokens=cfg.summary_tokens,
-            hidden_size=bb.hidden_size))
+            hidden_size=bb.hidden_size, vector_norm=round(norm, 4) if cfg.rescale_vectors else None))
         if train_encoder:
             bb.add_adapter(ENCODER_ADAPTER, _lora(cfg.encoder_r, cfg.encoder_alpha, cfg.encoder_targets))
     if init and (init / "decoder").is_dir():

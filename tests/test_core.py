@@ -6,7 +6,7 @@ import torch
 import pytest
 
 from lloco_index.backbone import UnknownAdapterError
-from lloco_index.compressor import ContextCompressor
+from lloco_index.compressor import CompressorConfig, ContextCompressor
 from lloco_index.generation import GenerationConfig, PromptTooLongError
 from lloco_index.prompts import qa_pieces
 from lloco_index.store import CompressedStore, StoreError
@@ -172,3 +172,19 @@ def test_fingerprint_is_the_same_in_fp32_and_bf16(tiny_lloco):
     comp.summary.data += 0.5  # a real change still shows
     comp._fingerprint = None
     assert comp.fingerprint() != fp32
+
+
+def test_vector_norm_rescales_every_vector(tiny_lloco, tmp_path):
+    comp = tiny_lloco.compressor
+    plain = comp.compress("The museum opened in 1921 on the harbour. Biscuit the cat sleeps there.")
+    scaled_cfg = CompressorConfig(**{**vars(comp.config), "vector_norm": 3.0})
+    scaled = ContextCompressor(tiny_lloco.backbone, scaled_cfg, comp.summary.detach())
+    vecs = scaled.compress("The museum opened in 1921 on the harbour. Biscuit the cat sleeps there.")
+    assert torch.allclose(vecs.float().norm(dim=-1), torch.full((vecs.shape[0],), 3.0), atol=1e-3)
+    assert torch.allclose(vecs.float() / 3.0, plain.float() / plain.float().norm(dim=-1, keepdim=True), atol=1e-3)
+    assert scaled.fingerprint() != comp.fingerprint()  # a store of plain vectors is not served rescaled ones
+    scaled.save_pretrained(tmp_path / "c")
+    assert CompressorConfig.from_json(tmp_path / "c" / "compressor_config.json").vector_norm == 3.0
+    for bad in (0, -1.0, "3", True):
+        with pytest.raises(ValueError, match="vector_norm"):
+            CompressorConfig(**{**vars(comp.config), "vector_norm": bad})

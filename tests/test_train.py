@@ -345,3 +345,13 @@ def test_profile_script_reports_every_phase(tiny_model_dir, corpus_file, tmp_pat
         line = next(x for x in out.splitlines() if x.strip().startswith(f"train/{phase} "))
         assert line.endswith("(2 calls)")
     assert (tmp_path / "prof" / "trace.json").stat().st_size > 0
+
+
+def test_rescale_vectors_sets_the_token_embedding_norm(tiny_model_dir, corpus_file):
+    bb, comp = setup_models(tiny_cfg(tiny_model_dir, corpus_file, Path("unused"), rescale_vectors=True),
+                            torch.device("cpu"), train_encoder=True)
+    target = bb.model.get_input_embeddings().weight.detach().float().norm(dim=-1).mean().item()
+    assert comp.config.vector_norm == pytest.approx(target, abs=1e-4)
+    vecs = encode_chunks(comp, [Example([list(range(5, 37))], "q", [1], [0])], 1)[0][0]
+    assert torch.allclose(vecs.float().norm(dim=-1), torch.full((vecs.shape[0],), target), rtol=1e-3)
+    assert vecs.requires_grad  # the rescale keeps the encoder trainable
