@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from lloco_index.compressor import CONFIG_NAME, CompressorConfig
 from lloco_index.corpus import Corpus
 from lloco_index.pipeline import bundled
 from lloco_index.train import DecoderBatcher, TaskSampler, TrainConfig, answer_loss, encode_chunks, setup_models
@@ -35,7 +36,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    cfg = TrainConfig(init_from=args.init_from, corpus=args.corpus, max_facts=1)
+    base = CompressorConfig.from_json(Path(args.init_from) / "compressor" / CONFIG_NAME).base_model
+    cfg = TrainConfig(init_from=args.init_from, base_model=base, corpus=args.corpus, max_facts=1)
     bb, comp = setup_models(cfg, torch.device(args.device), train_encoder=False)
     bb.model.eval()
     _, held = Corpus.load(args.corpus).split()

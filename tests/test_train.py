@@ -355,3 +355,22 @@ def test_rescale_vectors_sets_the_token_embedding_norm(tiny_model_dir, corpus_fi
     vecs = encode_chunks(comp, [Example([list(range(5, 37))], "q", [1], [0])], 1)[0][0]
     assert torch.allclose(vecs.float().norm(dim=-1), torch.full((vecs.shape[0],), target), rtol=1e-3)
     assert vecs.requires_grad  # the rescale keeps the encoder trainable
+
+
+def test_vector_ablation_script_scores_four_contexts(pretrained, corpus_file, tmp_path):
+    import math
+    import os
+    import subprocess
+    import sys
+
+    cfg, run = pretrained
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "ablation.json"
+    subprocess.run([sys.executable, str(root / "scripts" / "vector_ablation.py"), "--corpus", str(corpus_file),
+                    "--init_from", str(run), "--n", "3", "--task", "ae", "--device", "cpu", "--out", str(out)],
+                   check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)})
+    report = json.loads(out.read_text())
+    assert report["task"] == "ae" and report["n"] == 3
+    assert set(report["results"]) == {"own vectors", "another example's vectors", "chunks as text", "no context"}
+    assert all(math.isfinite(r["answer_loss"]) and 0 <= r["answer_token_accuracy"] <= 1
+               for r in report["results"].values())
