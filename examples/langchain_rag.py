@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     retriever = InMemoryVectorStore.from_documents(chunks, default_embeddings()).as_retriever(
         search_kwargs={"k": args.top_k})
     join = lambda found: "\n\n".join(d.page_content for d in found)  # noqa: E731
-    chain = ({"context": retriever | LLoCODocumentCompressor(lloco=lloco, expand=args.expand) | join, "question": RunnablePassthrough()}
+    compressor = LLoCODocumentCompressor(lloco=lloco, expand=args.expand)
+    chain = ({"context": retriever | compressor | join, "question": RunnablePassthrough()}
              | PROMPT | LLoCOLLM(lloco=lloco, max_tokens=args.max_new_tokens) | StrOutputParser())
     print(f"answer: {chain.invoke(args.question).strip()}")
     print("streamed: ", end="", flush=True)

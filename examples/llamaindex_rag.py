@@ -46,15 +46,15 @@ def main(argv: list[str] | None = None) -> int:
 
     index = VectorStoreIndex(nodes, embed_model=embed)
     llm = LLoCOLLM(lloco=lloco, max_new_tokens=args.max_new_tokens)
-    engine = index.as_query_engine(llm=llm, node_postprocessors=[LLoCOPostprocessor(lloco=lloco, expand=args.expand)],
-                                   similarity_top_k=args.top_k)
+    post = LLoCOPostprocessor(lloco=lloco, expand=args.expand)
+    engine = index.as_query_engine(llm=llm, node_postprocessors=[post], similarity_top_k=args.top_k)
     response = engine.query(args.question)
     print(f"answer: {response.response.strip()}")
     for n in restore_text(response.source_nodes):
         print(f"  source {n.node.metadata.get('file_name')} (score {n.score:.2f}): {n.node.text[:60]!r}...")
 
-    streaming = index.as_query_engine(llm=llm, node_postprocessors=[LLoCOPostprocessor(lloco=lloco, expand=args.expand)],
-                                      similarity_top_k=args.top_k, streaming=True)
+    streaming = index.as_query_engine(llm=llm, node_postprocessors=[post], similarity_top_k=args.top_k,
+                                      streaming=True)
     print("streamed: ", end="", flush=True)
     for delta in streaming.query(args.question).response_gen:
         print(delta, end="", flush=True)

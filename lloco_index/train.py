@@ -117,10 +117,11 @@ def setup_models(cfg: TrainConfig, device: torch.device, train_encoder: bool):
         if comp.encoder_adapter and train_encoder:
             bb.load_adapter(init / "compressor" / "encoder", ENCODER_ADAPTER, trainable=True)
     else:
-        norm = bb.model.get_input_embeddings().weight.detach().float().norm(dim=-1).mean().item()
+        norm = bb.model.get_input_embeddings().weight.detach().float().norm(dim=-1).mean().item() \
+            if cfg.rescale_vectors else None
         comp = ContextCompressor.untrained(bb, CompressorConfig(
             base_model=cfg.base_model, segment_tokens=cfg.segment_tokens, summary_tokens=cfg.summary_tokens,
-            hidden_size=bb.hidden_size, vector_norm=round(norm, 4) if cfg.rescale_vectors else None))
+            hidden_size=bb.hidden_size, vector_norm=None if norm is None else round(norm, 4)))
         if train_encoder:
             bb.add_adapter(ENCODER_ADAPTER, _lora(cfg.encoder_r, cfg.encoder_alpha, cfg.encoder_targets))
     if init and (init / "decoder").is_dir():

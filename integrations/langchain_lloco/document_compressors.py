@@ -53,8 +53,9 @@ class LLoCODocumentCompressor(_Compressing, BaseDocumentCompressor,
                            callbacks: Callbacks | None = None) -> Sequence[Document]:
         """``query`` is unused: each chunk is compressed on its own, once, whatever the question."""
         keep, rest = list(documents[:self.expand]), documents[self.expand:]
-        return keep + [d if ref is None else Document(id=d.id, page_content=ref[1],
-                                                      metadata={**d.metadata, KEY_KEY: ref[0], TEXT_KEY: d.page_content})
+        return keep + [d if ref is None else
+                       Document(id=d.id, page_content=ref[1], metadata={**d.metadata, KEY_KEY: ref[0],
+                                                                        TEXT_KEY: d.page_content})
                        for d, ref in zip(rest, self._refs(rest))]
 
     def invoke(self, input: Sequence[Document], config: Optional[RunnableConfig] = None,
