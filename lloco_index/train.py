@@ -59,6 +59,7 @@ class TrainConfig:
     encoder_alpha: int = 32
     encoder_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     rescale_vectors: bool = False  # new compressors: vectors rescaled to the mean token-embedding norm
+    center_vectors: bool = False  # new compressors: subtract the per-slot mean vector (fit on 256 corpus segments)
     decoder_r: int = 16
     decoder_alpha: int = 32
     decoder_dropout: float = 0.0
@@ -121,7 +122,8 @@ def setup_models(cfg: TrainConfig, device: torch.device, train_encoder: bool):
             if cfg.rescale_vectors else None
         comp = ContextCompressor.untrained(bb, CompressorConfig(
             base_model=cfg.base_model, segment_tokens=cfg.segment_tokens, summary_tokens=cfg.summary_tokens,
-            hidden_size=bb.hidden_size, vector_norm=None if norm is None else round(norm, 4)))
+            hidden_size=bb.hidden_size, vector_norm=None if norm is None else round(norm, 4),
+            center_vectors=cfg.center_vectors))
         if train_encoder:
             bb.add_adapter(ENCODER_ADAPTER, _lora(cfg.encoder_r, cfg.encoder_alpha, cfg.encoder_targets))
     if init and (init / "decoder").is_dir():
@@ -372,6 +374,9 @@ def train_compressor(cfg: TrainConfig, held_out_eval: bool = True) -> Path:
     torch.manual_seed(cfg.seed + acc.process_index)
     bb, comp = setup_models(cfg, acc.device, train_encoder=True)
     train_c, held_c = Corpus.load(cfg.corpus).split()
+    if comp.vector_mean is not None and not comp.vector_mean.any():  # new: fit it (same segments in every process)
+        rng = np.random.default_rng(cfg.seed)
+        comp.fit_vector_mean([train_c.window(rng, cfg.segment_tokens) for _ in range(256)])
     sampler = TaskSampler(train_c, bb.tokenizer, cfg, cfg.seed + 1000 * acc.process_index)
     held = TaskSampler(held_c, bb.tokenizer, replace(cfg, expand_prob=0.0), 12345)  # eval: vectors only
     batcher = DecoderBatcher(bb)
