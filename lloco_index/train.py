@@ -64,6 +64,7 @@ class TrainConfig:
     decoder_alpha: int = 32
     decoder_dropout: float = 0.0
     decoder_targets: str = "q_proj,k_proj,v_proj,o_proj"
+    train_decoder: bool = True  # false: the decoder adapter stays as loaded (or zero), only the compressor learns
     task_mix: str = "qa:0.5,ae:0.3,lm:0.2"
     max_chunks: int = 64  # qa contexts have 1..max_chunks chunks (log-uniform)
     max_facts: int = 3  # qa: facts hidden per context
@@ -131,7 +132,7 @@ def setup_models(cfg: TrainConfig, device: torch.device, train_encoder: bool):
     else:
         bb.add_adapter(DECODER_ADAPTER, _lora(cfg.decoder_r, cfg.decoder_alpha, cfg.decoder_targets, cfg.decoder_dropout))
     for n, p in bb.model.named_parameters():  # train exactly the LoRA weights we own (+ summary below)
-        p.requires_grad_("lora_" in n and (train_encoder or ENCODER_ADAPTER not in n))
+        p.requires_grad_("lora_" in n and (train_encoder if ENCODER_ADAPTER in n else cfg.train_decoder))
     comp.summary.requires_grad_(train_encoder)
     bb.model.train()
     return bb, comp
