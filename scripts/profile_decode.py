@@ -1,0 +1,257 @@
+"""Where a batch-1 decode step of the fast engine goes: GEMVs alone, the step's kernels, a compiled step.
+
+    python3 scripts/profile_decode.py --shape 7b --context 1164 --out $OUT/profile_decode.json [--try-compile]
+
+``gemv``: each distinct projection weight shape at batch 1, cycling over >= 512 MiB of the model's own weights
+(past L2), replayed from a CUDA graph: us, GB/s of weight bytes read, fraction of the measured copy bandwidth;
+on CUDA also through torch.compile (max-autotune) and as FP8 weights (``torch._scaled_mm``, 16 input rows).
+``step``: ``--context`` random vector positions prefilled (1164 = LLoCO at 32k source tokens), then the engine's
+decode as ``lloco bench`` times it and bare graph replays; a few eager steps under torch.profiler give device
+time per kernel category, against the replayed step (the gap is idle time between the graph's kernels).
+``compiled_step`` (``--try-compile``): the step body through torch.compile captured in a CUDA graph: ms/token,
+greedy tokens against the uncompiled graph. Sections are guarded; the JSON is rewritten after each. On CPU
+(``--shape tiny --device cpu``) it runs in seconds: aten op self time instead of kernels, CUDA-only parts skipped.
+"""
+
+from __future__ import annotations
+
+import argparse, json, re, signal, sys, time, traceback  # noqa: E401
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from lloco_index.bench_utils import (SHAPES, Cost, Ctx, attempt, build_backbone, markdown_table, measure_bandwidth,
+                                     median, say, sync, timed)
+from lloco_index.decode_ops import Clock
+from lloco_index.fast_decode import FastDecoder, _Runner
+
+COMPILE = {"mode": "max-autotune-no-cudagraphs", "dynamic": False}
+CATEGORIES = [(re.compile(p, re.I), c) for p, c in (  # first match wins: CUDA kernel names, or aten ops on CPU
+    ("flash|fmha|attention|softmax", "attention"),
+    (r"gemm|gemv|nvjet|cutlass|xmma|splitk|::(add|b)?mm_?$", "gemm/gemv"),
+    ("norm|roll|catarray|::cat$|silu|addcmul|pow|rsqrt", "norm/rotary/elementwise"),
+    ("copy|index|memcpy|memset|embedding", "copy/cache update"), ("argmax|reduce", "argmax/other"),
+    ("elementwise|mul|add|neg|div", "norm/rotary/elementwise"))]
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:  # the engine's greedy sampler
+    return logits.argmax(-1)
+
+
+@contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """TimeoutError after ``seconds`` (main thread): the only way to cap a torch.compile in progress."""
+    def alarm(*_): raise TimeoutError(f"over its {seconds:.0f} s cap")  # noqa: E704
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def device_seconds(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+    """Median seconds of ``fn()``: replays of a CUDA graph of it on a GPU (no launch overhead), else calls."""
+    if device.type != "cuda":
+        return median(timed(fn, device, reps, warmup=2))
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn(), fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    with torch.cuda.graph(graph := torch.cuda.CUDAGraph()):
+        fn()
+    return median(timed(graph.replay, device, reps, warmup=3))
+
+
+def section_gemv(ctx: Ctx, out: dict, args: argparse.Namespace, shared: dict) -> None:
+    dev, cuda, groups, rows = ctx.device, ctx.device.type == "cuda", {}, out.setdefault("rows", [])
+    for name, m in ctx.bb.model.named_modules():
+        if isinstance(m, torch.nn.Linear) and "lora_" not in name:
+            groups.setdefault(tuple(m.weight.shape), []).append((name.rsplit(".", 1)[-1], m.weight.detach()))
+    cap_end = time.perf_counter() + args.compile_cap_s
+    fp8 = cuda and hasattr(torch, "float8_e4m3fn") and torch.cuda.get_device_capability(dev) >= (8, 9)
+    if not fp8:
+        out["skipped"] = "fp8: needs compute capability 8.9+" if cuda else "torch.compile and fp8 variants: needs CUDA"
+    for (n_out, n_in), g in groups.items():
+        ws = [w for _, w in g][:-(-(512 << 20) // g[0][1].nbytes)]
+        x, linear_us = torch.randn(1, n_in, device=dev, dtype=ws[0].dtype), None
+        base = {"weights": ",".join(sorted({n for n, _ in g})), "shape": f"{n_out}x{n_in}", "per_step": len(g)}
+
+        def compiled() -> Callable[[], list]:
+            lin = torch.compile(lambda a, b: F.linear(a, b), **COMPILE)
+            with deadline(cap_end - time.perf_counter()):
+                lin(x, ws[0]), sync(dev)
+            return lambda: [lin(x, w) for w in ws]
+
+        def scaled() -> Callable[[], list]:  # per-tensor scales (max -> 448); x's quantisation is not timed
+            q8 = torch.zeros(16, n_in, device=dev, dtype=torch.float8_e4m3fn)
+            q8[:1], one = x.to(q8.dtype), torch.ones((), device=dev)
+            w8 = [((w.float() / s).to(q8.dtype), s) for w in ws for s in [w.abs().amax().float() / 448]]
+            return lambda: [torch._scaled_mm(q8, w.t(), scale_a=one, scale_b=s, out_dtype=x.dtype) for w, s in w8]
+
+        variants = [("F.linear", lambda: lambda: [F.linear(x, w) for w in ws], ws[0].nbytes)] + \
+            [("torch.compile", compiled, ws[0].nbytes)] * cuda + [("fp8 _scaled_mm", scaled, ws[0].numel())] * fp8
+        for variant, make, nbytes in variants:
+            row = {**base, "variant": variant, "cycled": len(ws)}
+            if variant == "torch.compile" and time.perf_counter() > cap_end:
+                row["skipped"] = "--compile-cap-s spent"
+            elif (t := attempt(row, f"  gemv {base['shape']} {variant}",
+                               lambda: device_seconds(make(), dev, 4 * args.reps) / len(ws))) is not None:
+                linear_us = linear_us or t * 1e6
+                row.update(us=t * 1e6, gbs=nbytes / t / 1e9, of_copy_bw=nbytes / t / ctx.bandwidth,
+                           speedup_vs_linear=linear_us / (t * 1e6))
+            rows.append(row)
+    for variant in ("F.linear", "torch.compile", "fp8 _scaled_mm"):  # every projection of a step, back to back
+        if len(done := [r["per_step"] * r["us"] for r in rows if r["variant"] == variant and "us" in r]) == len(groups):
+            out.setdefault("us_per_step", {})[variant] = sum(done)
+    say(markdown_table(rows, ["weights", "shape", "per_step", "variant", "us", "gbs", "of_copy_bw",
+                              "speedup_vs_linear", "skipped", "error"]))
+    say(f"  every projection of a step, back to back (us): {out.get('us_per_step')} {out.get('skipped', '')}")
+
+
+def kernel_profile(fn: Callable[[], object], steps: int, device: torch.device) -> dict:
+    """Per step of ``fn`` (``steps`` steps): CUDA kernel time (CPU: aten op self time) and launches by category."""
+    cuda, cats, top = device.type == "cuda", {}, []
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+        fn()
+        sync(device)
+    for e in (e for e in prof.key_averages() if (e.device_type != DeviceType.CPU) == cuda):
+        us = (e.self_device_time_total if cuda else e.self_cpu_time_total) / steps
+        top.append({"name": e.key[:100], "us_per_step": us, "calls_per_step": e.count / steps,
+                    "category": next((c for p, c in CATEGORIES if p.search(e.key)), "argmax/other")})
+        c = cats.setdefault(top[-1]["category"], {"us_per_step": 0.0, "launches_per_step": 0.0})
+        c["us_per_step"], c["launches_per_step"] = c["us_per_step"] + us, c["launches_per_step"] + e.count / steps
+    total = sum(c["us_per_step"] for c in cats.values())
+    return {"unit": "CUDA kernels" if cuda else "CPU aten ops, self time", "us_per_step": total,
+            "launches_per_step": sum(c["launches_per_step"] for c in cats.values()),
+            "categories": {k: {**c, "share": c["us_per_step"] / (total or 1)} for k, c in sorted(cats.items())},
+            "top": sorted(top, key=lambda r: -r["us_per_step"])[:15]}
+
+
+def restore(runner: _Runner, state: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """The decode state (tok, pos, slot, mask) after prefill: saved, or put back (``state``)."""
+    tensors = (runner.tok, runner.pos, runner.slot, runner.mask)
+    return [t.clone() for t in tensors] if state is None else [t.copy_(s) for t, s in zip(tensors, state)]
+
+
+def replay(runner: _Runner, state: list[torch.Tensor], steps: int, reps: int) -> tuple[float, list[int]]:
+    """Median seconds per step of ``steps`` graph replays (eager ``_body`` without a graph) from ``state``,
+    and the greedy tokens of those steps through ``_Runner.step`` (as the engine decodes)."""
+    times, body = [], runner.graph.replay if runner.graph is not None else runner._body
+    for _ in range(reps):
+        restore(runner, state)
+        clock = Clock(runner.tok.device)
+        for _ in range(steps):
+            body()
+        clock.mark()
+        times.append(clock.spans("t")["t"] / steps)
+    restore(runner, state)
+    for i in range(1, steps + 1):
+        runner.step(i, argmax, greedy=True)
+    restore(runner, state)
+    return median(times), runner.out[0, :steps + 1].tolist()
+
+
+def section_step(ctx: Ctx, out: dict, args: argparse.Namespace, shared: dict) -> None:
+    dev, n, cost, dec, engine = ctx.device, args.new_tokens, ctx.cost, FastDecoder(ctx.bb), []
+    shared.update(x=ctx.vectors(args.context)[None], mask=torch.ones(1, args.context, dtype=torch.long, device=dev))
+    for _ in range(args.reps + 1):  # the first decode captures the graph: not counted
+        list(dec.decode(shared["x"], shared["mask"], [None], n, argmax, greedy=True))
+        engine.append(dec.last_timing["decode_s"] / (n - 1))
+    with torch.inference_mode():
+        runner = shared["runner"] = dec._acquire(None, 1, args.context + n - 1)[1]  # the runner those decodes used
+        runner.prefill(shared["x"], shared["mask"], n, argmax)
+        step_s, shared["tokens"] = replay(runner, state := restore(runner), n - 1, args.reps)
+        runner._body()  # warm-up
+        prof = out["eager_profile"] = kernel_profile(lambda: [runner._body() for _ in range(3)], 3, dev)
+        if runner.graph is not None:  # the same kernels inside the graph, if the profiler sees them there
+            restore(runner, state)
+            out["graph_profile"] = kernel_profile(lambda: [runner.graph.replay() for _ in range(3)], 3, dev)
+        restore(runner, state)
+    weights, kv = (cost.linear_params + cost.head_params) * cost.dtype_bytes, cost.kv_bytes(runner.length)
+    shared["step_s"], shared["weights"], kernel_ms = step_s, weights, prof["us_per_step"] / 1e3
+    out.update(engine_ms_per_token=1e3 * median(engine[1:]), step_ms=1e3 * step_s, graph=runner.graph is not None,
+               graph_error=runner.graph_error, lean=runner.lean is not None, attention_split=runner.split,
+               cache_slots=runner.length, weight_bytes=weights, kv_bytes=kv,  # attention reads every slot (masked)
+               all_param_bytes=sum(p.nbytes for p in ctx.bb.model.parameters()),  # + embedding table, not read
+               weights_of_copy_bw=weights / step_s / ctx.bandwidth,
+               weights_kv_of_copy_bw=(weights + kv) / step_s / ctx.bandwidth, kernel_ms_per_step=kernel_ms,
+               gap_ms=1e3 * step_s - kernel_ms if dev.type == "cuda" else None,
+               graph_kernel_ms_per_step=out.get("graph_profile", {}).get("us_per_step", 0) / 1e3 or None)
+    say(markdown_table([{"category": c, **v} for c, v in prof["categories"].items()],
+                       ["category", "us_per_step", "launches_per_step", "share"]))
+    say(markdown_table(prof["top"], ["name", "category", "us_per_step", "calls_per_step"]))
+    say(f"  engine decode {out['engine_ms_per_token']:.3f} ms/token; bare {'replay' if out['graph'] else 'eager'} step"
+        f" {out['step_ms']:.3f} ms: {out['weights_of_copy_bw']:.1%} of copy bandwidth for the weights "
+        f"({weights / 1e9:.2f} GB), {out['weights_kv_of_copy_bw']:.1%} with the KV cache ({kv / 1e9:.2f} GB); "
+        f"{prof['unit']} {kernel_ms:.3f} ms over {prof['launches_per_step']:.0f} launches (inside the graph: "
+        f"{out['graph_kernel_ms_per_step']} ms), gap {out['gap_ms']} ms")
+
+
+def section_compiled_step(ctx: Ctx, out: dict, args: argparse.Namespace, shared: dict) -> None:
+    if not args.try_compile or ctx.device.type != "cuda":
+        out["skipped"] = "needs CUDA" if args.try_compile else "opt-in: --try-compile"
+        return
+    base, n, t0 = shared["runner"], args.new_tokens, time.perf_counter()
+    with torch.inference_mode():
+        runner = _Runner(ctx.bb, None, 1, base.length, True, base.split, FastDecoder(ctx.bb).config)
+        runner.prefill(shared["x"], shared["mask"], n, argmax)
+        state = restore(runner)
+        runner._body = torch.compile(runner._body, fullgraph=False, **COMPILE)  # what _capture warms up and records
+        with deadline(args.compile_cap_s):
+            runner.graph_error = runner._capture()
+        out.update(compile_and_capture_s=time.perf_counter() - t0, graph_error=runner.graph_error)
+        if runner.graph is None:
+            raise RuntimeError(f"compile/capture: {runner.graph_error}")
+        step_s, tokens = replay(runner, state, n - 1, args.reps)
+    same = next((i for i, (a, b) in enumerate(zip(tokens, shared["tokens"])) if a != b), len(tokens))
+    out.update(step_ms=1e3 * step_s, speedup=shared["step_s"] / step_s, tokens_equal=tokens == shared["tokens"],
+               common_prefix_tokens=same, weights_of_copy_bw=shared["weights"] / step_s / ctx.bandwidth)
+    say(f"  compiled step {out['step_ms']:.3f} ms ({out['speedup']:.2f}x, {out['weights_of_copy_bw']:.1%} of copy "
+        f"bandwidth); greedy tokens {same}/{len(tokens)} identical before the first difference")
+
+
+def main(argv: list[str]) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="7b", choices=sorted(SHAPES))
+    ap.add_argument("--context", type=int, default=1164, help="prefilled vector positions")
+    ap.add_argument("--new-tokens", type=int, default=32, help="tokens per timed decode, as in lloco bench")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--try-compile", action="store_true", help="also time the step body through torch.compile")
+    ap.add_argument("--compile-cap-s", type=float, default=120.0, help="cap on each torch.compile experiment")
+    ap.add_argument("--out", default="profile_decode.json")
+    args = ap.parse_args(argv)
+    if args.new_tokens < 8:  # the profiled steps run past the timed ones: keep them inside the cache
+        ap.error("--new-tokens must be at least 8")
+    dev, start, out = torch.device(args.device), time.perf_counter(), Path(args.out)
+    report = {"meta": {"command": " ".join(["python3", "scripts/profile_decode.py", *argv]), "torch": torch.__version__,
+                       "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", **vars(args)}}
+    bw, shape = measure_bandwidth(dev), SHAPES[args.shape]
+    bb = build_backbone(shape, dev, args.context + args.new_tokens + 256)
+    ctx = Ctx(None, dev, 0.0, bw, start, shape, bb, Cost.of(bb.model))  # no BenchConfig: its budget is not used
+    report["meta"].update(bandwidth_gbs=bw / 1e9, model=bb.name_or_path, dtype=str(bb.dtype))
+    say(f"{report['meta']['device']}: {bw / 1e9:.0f} GB/s copy (measured); {bb.name_or_path} {bb.dtype}")
+    shared: dict = {}
+    for section, fn in (("gemv", section_gemv), ("step", section_step), ("compiled_step", section_compiled_step)):
+        say(f"[{section}]")
+        try:
+            fn(ctx, report.setdefault(section, {}), args, shared)  # partial results survive an error
+        except Exception as e:
+            report[section]["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+            traceback.print_exc()
+        report["meta"]["elapsed_s"] = time.perf_counter() - start
+        out.write_text(json.dumps(report, indent=1, default=str))
+    say(f"wrote {out} ({report['meta']['elapsed_s']:.0f} s)")
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
