@@ -2,18 +2,18 @@
 # Do the vectors carry the text? Short from-scratch compressor runs, each followed by the vector ablation
 # (own vectors vs another example's vs none, teacher-forced; scripts/vector_ablation.py) on qa and ae.
 #   bash scripts/device/vector_gate.sh MINUTES NAME "TRAIN FLAGS" [NAME "TRAIN FLAGS" ...]
-# Needs the corpus at $DATA/corpus.npz (DATA defaults to /root/data). Per run, $OUT/gate_<NAME>.tgz holds
+# Needs the corpus at $DATA/corpus.npz (DATA defaults to /root/data); TASKS (default "qa ae") picks the ablations. Per run, $OUT/gate_<NAME>.tgz holds
 # the adapters, training_state.json and the two ablation JSONs; the log lines land in $OUT/gate.log.
 set -o pipefail
 source scripts/device/setup.sh
-DATA=${DATA:-/root/data}; minutes=$1; shift
+DATA=${DATA:-/root/data}; minutes=$1; shift; TASKS=${TASKS:-qa ae}
 while [ $# -ge 2 ]; do
   name=$1; flags=$2; shift 2; run=/root/gate/$name; mkdir -p $run
   echo "== $name: $flags" | tee -a $OUT/gate.log
   # shellcheck disable=SC2086  # flags are meant to split
   python3 -m lloco_index.cli train compressor --corpus $DATA/corpus.npz --out_dir $run/ckpt --max_minutes "$minutes" \
     --eval_every 100000 --save_every 100000 $flags 2>&1 | grep -E "step [0-9]*0 |done|Error" | tail -3 | tee -a $OUT/gate.log
-  for task in qa ae; do
+  for task in $TASKS; do
     python3 scripts/vector_ablation.py --corpus $DATA/corpus.npz --init_from $run/ckpt --task $task --n 32 \
       --out $run/ablation_$task.json 2>&1 | grep -E "loss|Error" | sed "s/^/$task  /" | tee -a $OUT/gate.log
   done
