@@ -52,6 +52,7 @@ class BenchConfig:
     finetune_source: int = 32768
     answer_tokens: int = 32  # finetuning: tokens with a loss after each prompt
     budget_s: float = 450.0  # stop starting new measurements after this
+    compile: bool = False  # latency: also time full and LLoCO on the fast engine with a torch.compile'd step
     device: str | None = None
     out: str = "bench.json"
 
@@ -151,6 +152,7 @@ def section_latency(ctx: Ctx, out: dict) -> None:
     c, bb = ctx.cfg, ctx.bb
     fast, eager = _generators(bb)
     fast_hf, _ = _generators(bb, lean=False)  # the same engine through the transformers modules, for reference
+    compiled = [("fast-compiled", _generators(bb, compile=True)[0])] if c.compile else []
     out.update(rows=[], speedups=[], engine_agreement={}, graph_errors=fast.fast.graph_errors)
     agreement = attempt(out["engine_agreement"], "  fast vs eager agreement", lambda: _agreement(ctx, fast, eager))
     out["engine_agreement"].update(agreement or {})
@@ -161,7 +163,7 @@ def section_latency(ctx: Ctx, out: dict) -> None:
         cases = [("full", source)] + [(n, ctx.lloco_positions(source, seg, k)) for n, seg, k in lloco_cases]
         for case, ctx_pos in cases:
             pieces = _prompt(ctx, case, ctx_pos)
-            engines = [("fast", fast), ("eager", eager)] + ([("fast-hf", fast_hf)] if case != "full" else [])
+            engines = [("fast", fast), ("eager", eager)] + ([("fast-hf", fast_hf)] if case != "full" else []) + compiled
             for engine, gen in engines:
                 row = {"source_tokens": source, "case": case, "positions": ctx_pos + c.question_tokens,
                        "engine": engine}
@@ -179,13 +181,15 @@ def section_latency(ctx: Ctx, out: dict) -> None:
     lat = {(r["source_tokens"], r["case"], r["engine"]): r["latency_s"] for r in rows if "latency_s" in r}
     speedups = out["speedups"]
     for (source, case, engine), t in lat.items():
-        if case != "full" and engine != "eager" and (source, "full", "fast") in lat:
-            s = {"source_tokens": source, "case": case, "engine": engine, "speedup": lat[(source, "full", "fast")] / t}
+        full = lat.get((source, "full", engine), lat.get((source, "full", "fast")))  # the same engine where timed
+        if case != "full" and engine != "eager" and full is not None:
+            s = {"source_tokens": source, "case": case, "engine": engine, "speedup": full / t}
             if (source, "full", "eager") in lat:
                 s["speedup_vs_eager_full"] = lat[(source, "full", "eager")] / t
             speedups.append(s)
-            say(f"  speed-up {case} ({engine}) vs full (fast) at S={source}: {s['speedup']:.2f}x")
-    out["graph_errors"] = fast.fast.graph_errors + fast_hf.fast.graph_errors
+            vs = engine if (source, "full", engine) in lat else "fast"
+            say(f"  speed-up {case} ({engine}) vs full ({vs}) at S={source}: {s['speedup']:.2f}x")
+    out["graph_errors"] = fast.fast.graph_errors + fast_hf.fast.graph_errors + sum((g.fast.graph_errors for _, g in compiled), [])
 
 
 def section_compress(ctx: Ctx, out: dict) -> None:

@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-source", type=int, default=32768)
     p.add_argument("--compress-batches", default="", help="segments per encoder forward (default: per shape)")
     p.add_argument("--budget-s", type=float, default=450.0, help="start no new measurement after this many seconds")
+    p.add_argument("--compile", action="store_true",
+                   help="latency: also time both full and LLoCO on the fast engine with a torch.compile'd step")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default="bench.json")
     p.add_argument("--render", default=None, metavar="JSON", help="only print the tables of an earlier run's JSON")
@@ -422,7 +424,8 @@ def cmd_bench(args) -> None:
         shapes=tuple(args.model_shape.split(",")), sections=tuple(args.sections.split(",")), lengths=ints(args.lengths),
         new_tokens=args.new_tokens, reps=args.reps, serve_questions=args.serve_questions,
         serve_source=args.serve_source, finetune_source=args.finetune_source,
-        compress_batches=ints(args.compress_batches), budget_s=args.budget_s, device=args.device, out=args.out))
+        compress_batches=ints(args.compress_batches), budget_s=args.budget_s, compile=args.compile, device=args.device,
+        out=args.out))
 
 
 COMMANDS = {"ingest": cmd_ingest, "ask": cmd_ask, "answer": cmd_answer, "info": cmd_info, "train": cmd_train,

@@ -40,6 +40,7 @@ class FastDecodeConfig:
     autotune_min_len: int = 4096  # CUDA caches at least this long try the split-K matmul attention
     fused_norm: bool = True  # RMSNorm as one F.rms_norm call (one fused kernel on CUDA instead of ~8)
     lean: bool = True  # LLaMA layers through lean_llama (fewer kernels); other models through transformers
+    compile: bool = False  # the step through torch.compile (max-autotune) before capture; a compile per cache size
 
 
 class _SlabLayer(CacheLayerMixin):
@@ -124,6 +125,10 @@ class _Runner:
         self.logits = torch.zeros(batch, vocab, dtype=torch.float32, device=dev)
         self.out = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.use_graph = use_graph
+        # Triton GEMVs tuned per weight shape and fused elementwise ops: 7.15 -> 6.08 ms/token on the 7B shape
+        self.compiled = config.compile
+        self.body = torch.compile(self._body, mode="max-autotune-no-cudagraphs", dynamic=False) \
+            if config.compile else self._body
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_error: str | None = None
 
@@ -168,6 +173,10 @@ class _Runner:
         self.pos.add_(1)
         self.slot.add_(1)
 
+    def _drop_compiled(self, error: Exception | str) -> None:
+        self.body, self.compiled = self._body, False
+        logger.warning("compiled decode step failed, running it uncompiled: %s", error)
+
     def _drop_lean(self, error: Exception | str) -> None:
         self.lean, self.lean_reason = None, f"failed here, transformers modules used: {error}"
         logger.warning("lean LLaMA forward %s", self.lean_reason)
@@ -183,11 +192,11 @@ class _Runner:
             stream.wait_stream(torch.cuda.current_stream(self.tok.device))
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    self._body()
+                    self.body()
             torch.cuda.current_stream(self.tok.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self._body()
+                self.body()
             self.graph = graph
             return None
         except Exception as e:
@@ -202,6 +211,9 @@ class _Runner:
     def step(self, index: int, sample: Sampler, greedy: bool) -> None:
         if self.use_graph and self.graph is None and self.graph_error is None:
             self.graph_error = self._capture()
+            if self.graph_error and self.compiled:  # retry uncompiled
+                self._drop_compiled(f"capture: {self.graph_error}")
+                self.graph_error = self._capture()
             if self.graph_error and self.lean is not None:  # retry through the transformers modules
                 self._drop_lean(f"capture: {self.graph_error}")
                 self.graph_error = self._capture()
@@ -209,12 +221,15 @@ class _Runner:
             self.graph.replay()
         else:
             try:
-                self._body()
+                self.body()
             except Exception as e:  # a failed step stops before advancing any state: redo it
-                if self.lean is None:
+                if self.compiled:
+                    self._drop_compiled(e)
+                elif self.lean is None:
                     raise
-                self._drop_lean(e)
-                self._body()
+                else:
+                    self._drop_lean(e)
+                self.body()
         if not greedy:
             self.tok.copy_(sample(self.logits)[:, None])
         self.out[:, index] = self.tok[:, 0]

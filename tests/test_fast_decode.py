@@ -216,3 +216,15 @@ def test_a_failing_lean_forward_falls_back_to_the_transformers_modules(sharp_bac
     assert _ids(fast, prompts, cfg, "alpha") == want
     assert fast.fast.graph_errors == ["failed here, transformers modules used: unsupported here"]
     assert fast.fast.last_timing["lean"] is False
+
+
+def test_compiled_step_matches_eager(sharp_backbone):
+    """``FastDecodeConfig.compile``: the step through torch.compile gives the eager loop's greedy tokens (CPU:
+    no graph, the compiled step runs directly; on CUDA the same compiled step is what the graph captures)."""
+    eager, fast = Generator(sharp_backbone, fast=False), Generator(sharp_backbone, fast=True)
+    fast.fast.config.compile = True
+    eager.eos_ids = fast.eos_ids = []
+    cfg = GenerationConfig(max_new_tokens=12)
+    prompts = _prompts(sharp_backbone, (9, 21))
+    assert _ids(fast, prompts, cfg) == _ids(eager, prompts, cfg)
+    assert all(r.compiled for runners in fast.fast._idle.values() for r in runners)  # it did not fall back
