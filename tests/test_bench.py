@@ -90,3 +90,20 @@ def test_bench_failures_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     assert rows[("full", "fast")]["latency_s"] > 0 and rows[("lloco 1536->50", "fast+lora")]["latency_s"] > 0
     assert res["compress"]["rows"][0]["source_tokens_per_s"] > 0
     assert json.loads((tmp_path / "b.json").read_text())["shapes"]["tiny"]["compress"]["rows"]
+
+
+def test_bench_compile_times_both_sides_on_the_compiled_engine(tmp_path, monkeypatch):
+    """``--compile`` adds fast-compiled rows for full and LLoCO and compares them with each other (same engine).
+    torch.compile is replaced by the identity here: the compiled step itself is tested in test_fast_decode."""
+    import torch
+
+    from lloco_index import bench
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    report = bench.run_bench(BenchConfig(shapes=("tiny",), sections=("latency",), lengths=(256,), new_tokens=3,
+                                         reps=1, compile=True, device="cpu", out=str(tmp_path / "b.json")))
+    lat = report["shapes"]["tiny"]["latency"]
+    rows = {(r["case"], r["engine"]): r["latency_s"] for r in lat["rows"] if "latency_s" in r}
+    assert ("full", "fast-compiled") in rows and ("lloco 1536->50", "fast-compiled") in rows
+    s = next(s for s in lat["speedups"] if s["engine"] == "fast-compiled")
+    assert s["speedup"] == pytest.approx(rows[("full", "fast-compiled")] / rows[("lloco 1536->50", "fast-compiled")])

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import CORPUS
-from lloco_index.compressor import ContextCompressor
+from lloco_index.backbone import Backbone
+from lloco_index.compressor import ENCODER_ADAPTER, CompressorConfig, ContextCompressor
 from lloco_index.corpus import Corpus, build_corpus
 from lloco_index.generation import Generator
 from lloco_index.prompts import SYSTEM_PROMPT, qa_pieces
@@ -209,8 +210,6 @@ def test_encode_chunks_grad_budget(models, sampler):
 
 # -- compressor pretraining ---------------------------------------------------------------------
 def test_train_compressor_writes_safetensors_checkpoint(pretrained, tiny_model_dir):
-    from lloco_index.backbone import Backbone
-
     cfg, out = pretrained
     assert (out / "compressor" / "compressor_config.json").is_file()
     assert (out / "compressor" / "summary_embeddings.safetensors").is_file()
@@ -234,8 +233,6 @@ def test_train_compressor_writes_safetensors_checkpoint(pretrained, tiny_model_d
 
 def test_init_from_loads_saved_adapters(pretrained):
     from peft import get_peft_model_state_dict
-
-    from lloco_index.compressor import ENCODER_ADAPTER
 
     cfg, out = pretrained
     bb, comp = setup_models(replace(cfg, init_from=str(out)), torch.device("cpu"), train_encoder=True)
@@ -374,3 +371,41 @@ def test_vector_ablation_script_scores_four_contexts(pretrained, corpus_file, tm
     assert set(report["results"]) == {"own vectors", "another example's vectors", "chunks as text", "no context"}
     assert all(math.isfinite(r["answer_loss"]) and 0 <= r["answer_token_accuracy"] <= 1
                for r in report["results"].values())
+
+
+def test_center_vectors_fits_saves_and_subtracts_the_mean(tiny_model_dir, corpus_file, tmp_path):
+    """A new centring compressor fits its per-slot mean at the start of training; the mean is saved, reloaded,
+    part of the fingerprint, and subtracted: the vectors of the fitting segments average to ~0 per slot."""
+    cfg = tiny_cfg(tiny_model_dir, corpus_file, tmp_path / "run", center_vectors=True, max_steps=1)
+    out = train_compressor(cfg, held_out_eval=False)
+    bb = Backbone.from_pretrained(str(tiny_model_dir), device="cpu")
+    comp = ContextCompressor.from_pretrained(bb, out / "compressor")
+    assert comp.config.center_vectors and comp.vector_mean.shape == comp.summary.shape
+    assert comp.vector_mean.abs().sum() > 0  # fitted, not the zero placeholder
+    segs = [list(range(5 + i, 5 + i + cfg.segment_tokens)) for i in range(6)]
+    raw = comp._summary_states(segs, False, None).float()
+    comp.fit_vector_mean(segs)
+    assert torch.allclose(comp.encode_segments(segs).float().mean(0), torch.zeros_like(raw[0]), atol=1e-4)
+    assert torch.allclose(comp.encode_segments(segs).float(), raw - raw.mean(0), atol=1e-4)
+    before = comp.fingerprint()
+    comp.vector_mean += 1.0
+    comp._fingerprint = None
+    assert comp.fingerprint() != before  # another mean, other vectors: another store key
+
+
+def test_untrained_summary_rows_are_distinct(tiny_model_dir):
+    bb = Backbone.from_pretrained(str(tiny_model_dir), device="cpu")
+    comp = ContextCompressor.untrained(bb, CompressorConfig(base_model=str(tiny_model_dir), segment_tokens=16,
+                                                            summary_tokens=6, hidden_size=bb.hidden_size))
+    rows = comp.summary.detach()
+    assert len({tuple(r.tolist()) for r in rows}) == 6  # identical rows would start symmetric
+    with pytest.raises(ValueError, match="does not center"):
+        comp.fit_vector_mean([[5] * 16])
+
+
+def test_train_decoder_false_freezes_the_decoder_adapter(tiny_model_dir, corpus_file):
+    bb, comp = setup_models(tiny_cfg(tiny_model_dir, corpus_file, Path("unused"), train_decoder=False),
+                            torch.device("cpu"), train_encoder=True)
+    trainable = [n for n, p in bb.model.named_parameters() if p.requires_grad]
+    assert trainable and all(ENCODER_ADAPTER in n for n in trainable)
+    assert comp.summary.requires_grad
