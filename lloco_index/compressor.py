@@ -5,9 +5,10 @@ AutoCompressor's ``embed_summary``); the encoder (base model + optional encoder 
 ``[segment, summary]`` and the final hidden states (after the final norm) at the summary positions
 are the segment's compressed form (optionally centred and rescaled: ``center_vectors``,
 ``vector_norm``, for base models whose final-norm outputs dwarf their token embeddings). Segments
-are compressed independently, so any retrieved subset of chunks can be assembled in any order. ``compress(..., accumulate=True)`` is
-AutoCompressor's recurrent mode for whole documents instead: segment i also sees the vectors of
-segments 0..i-1 in front of it, so its vectors depend on everything before it.
+are compressed independently, so any retrieved subset of chunks can be assembled in any order.
+``compress(..., accumulate=True)`` is AutoCompressor's recurrent mode for whole documents instead:
+segment i also sees the vectors of segments 0..i-1 in front of it, so its vectors depend on
+everything before it.
 """
 
 from __future__ import annotations
