@@ -189,7 +189,7 @@ def section_latency(ctx: Ctx, out: dict) -> None:
             speedups.append(s)
             vs = engine if (source, "full", engine) in lat else "fast"
             say(f"  speed-up {case} ({engine}) vs full ({vs}) at S={source}: {s['speedup']:.2f}x")
-    out["graph_errors"] = fast.fast.graph_errors + fast_hf.fast.graph_errors + sum((g.fast.graph_errors for _, g in compiled), [])
+    out["graph_errors"] = [e for g in (fast, fast_hf, *(g for _, g in compiled)) for e in g.fast.graph_errors]
 
 
 def section_compress(ctx: Ctx, out: dict) -> None:

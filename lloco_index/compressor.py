@@ -96,10 +96,10 @@ class ContextCompressor:
         self.backbone = backbone
         self.config = config
         self.summary = torch.nn.Parameter(summary_embeddings.to(backbone.device, torch.float32))
-        self.vector_mean = None if not config.center_vectors else \
-            torch.zeros(shape) if vector_mean is None else vector_mean.float()
-        if self.vector_mean is not None:
-            self.vector_mean = self.vector_mean.to(backbone.device)
+        self.vector_mean: torch.Tensor | None = None  # zeros until fit_vector_mean
+        if config.center_vectors:
+            mean = torch.zeros(shape) if vector_mean is None else vector_mean
+            self.vector_mean = mean.to(backbone.device, torch.float32)
         self._fingerprint: str | None = None
 
     @classmethod

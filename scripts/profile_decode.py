@@ -29,9 +29,8 @@ from torch.profiler import ProfilerActivity, profile
 from lloco_index.bench_utils import (SHAPES, Cost, Ctx, attempt, build_backbone, markdown_table, measure_bandwidth,
                                      median, say, sync, timed)
 from lloco_index.decode_ops import Clock
-from lloco_index.fast_decode import FastDecoder, _Runner
+from lloco_index.fast_decode import COMPILE_OPTIONS, FastDecoder, _Runner
 
-COMPILE = {"mode": "max-autotune-no-cudagraphs", "dynamic": False}
 CATEGORIES = [(re.compile(p, re.I), c) for p, c in (  # first match wins: CUDA kernel names, or aten ops on CPU
     ("flash|fmha|attention|softmax", "attention"),
     (r"gemm|gemv|nvjet|cutlass|xmma|splitk|::(add|b)?mm_?$", "gemm/gemv"),
@@ -86,7 +85,7 @@ def section_gemv(ctx: Ctx, out: dict, args: argparse.Namespace, shared: dict) ->
         base = {"weights": ",".join(sorted({n for n, _ in g})), "shape": f"{n_out}x{n_in}", "per_step": len(g)}
 
         def compiled() -> Callable[[], list]:
-            lin = torch.compile(lambda a, b: F.linear(a, b), **COMPILE)
+            lin = torch.compile(lambda a, b: F.linear(a, b), **COMPILE_OPTIONS)
             with deadline(cap_end - time.perf_counter()):
                 lin(x, ws[0]), sync(dev)
             return lambda: [lin(x, w) for w in ws]
@@ -145,7 +144,7 @@ def restore(runner: _Runner, state: list[torch.Tensor] | None = None) -> list[to
 def replay(runner: _Runner, state: list[torch.Tensor], steps: int, reps: int) -> tuple[float, list[int]]:
     """Median seconds per step of ``steps`` graph replays (eager ``_body`` without a graph) from ``state``,
     and the greedy tokens of those steps through ``_Runner.step`` (as the engine decodes)."""
-    times, body = [], runner.graph.replay if runner.graph is not None else runner._body
+    times, body = [], runner.graph.replay if runner.graph is not None else runner.body
     for _ in range(reps):
         restore(runner, state)
         clock = Clock(runner.tok.device)
