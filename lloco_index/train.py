@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .backbone import Backbone
 from .compressor import ENCODER_ADAPTER, CompressorConfig, ContextCompressor
@@ -85,6 +86,8 @@ class TrainConfig:
     save_every: int = 500
     seed: int = 0
     bf16: bool = True
+    grad_checkpointing: bool = False  # recompute layer activations in backward: 4x larger steps fit on one GPU
+    loss_chunk_tokens: int = 8192  # answer tokens per vocabulary-projection chunk (bounds the logits' memory)
 
     @classmethod
     def from_args(cls, pairs: dict[str, str]) -> "TrainConfig":
@@ -112,8 +115,10 @@ def _lora(r: int, alpha: int, targets: str, dropout: float = 0.0):
 
 def setup_models(cfg: TrainConfig, device: torch.device, train_encoder: bool):
     """Backbone with an encoder adapter and a decoder adapter, plus the compressor; fp32 LoRA, bf16 base on GPU."""
-    bb = Backbone.from_pretrained(cfg.base_model, device=device)
     init = Path(cfg.init_from) if cfg.init_from else None
+    if init and not ((init / "compressor").is_dir() or (init / "decoder").is_dir()):
+        raise FileNotFoundError(f"--init_from {init}: no compressor/ or decoder/ folder there to continue from")
+    bb = Backbone.from_pretrained(cfg.base_model, device=device)
     if init and (init / "compressor").is_dir():
         comp = ContextCompressor.from_pretrained(bb, init / "compressor")
         if comp.encoder_adapter and train_encoder:
@@ -134,6 +139,8 @@ def setup_models(cfg: TrainConfig, device: torch.device, train_encoder: bool):
     for n, p in bb.model.named_parameters():  # train exactly the LoRA weights we own (+ summary below)
         p.requires_grad_("lora_" in n and (train_encoder if ENCODER_ADAPTER in n else cfg.train_decoder))
     comp.summary.requires_grad_(train_encoder)
+    if cfg.grad_checkpointing:
+        bb.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     bb.model.train()
     return bb, comp
 
@@ -253,6 +260,32 @@ def encode_chunks(comp: ContextCompressor, examples: list[Example], grad_budget:
             for i, ex in enumerate(examples)]
 
 
+def cut_vectors(rows: list[list]) -> tuple[list[list], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The decoder's inputs cut off the encoder's graph: every vector that carries gradients becomes a
+    detached leaf. Returns the new rows and (encoder output, leaf) pairs for ``encoder_backward``.
+
+    Why: the backbone's active LoRA adapter is global state, and activation checkpointing recomputes
+    layers during backward with whatever adapter is active then. Backward in two passes (decoder, then
+    encoder under its own adapter) keeps every recomputation on the adapter its forward used."""
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def leaf(v):
+        if not isinstance(v, torch.Tensor) or not v.requires_grad:
+            return v
+        pairs.append((v, v.detach().requires_grad_()))
+        return pairs[-1][1]
+
+    return [[leaf(v) for v in row] for row in rows], pairs
+
+
+def encoder_backward(comp: ContextCompressor, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Second half of the backward pass: the vectors' gradients into the encoder LoRA and summary embeddings."""
+    done = [(v, leaf.grad) for v, leaf in pairs if leaf.grad is not None]
+    if done:
+        with comp.backbone.use(comp.encoder_adapter):
+            torch.autograd.backward([v for v, _ in done], [g for _, g in done])
+
+
 class DecoderBatcher:
     """Builds right-padded decoder inputs ``[chat prompt with vectors] + answer + EOS`` and labels."""
 
@@ -276,15 +309,27 @@ class DecoderBatcher:
         return x, labels
 
 
-def answer_loss(bb: Backbone, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean CE over answer tokens (and token accuracy); logits only where there is a label."""
+def answer_loss(bb: Backbone, x: torch.Tensor, labels: torch.Tensor,
+                chunk_tokens: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean CE over answer tokens (and token accuracy); logits only where there is a label.
+
+    The vocabulary projection runs ``chunk_tokens`` rows at a time under activation checkpointing, so a
+    step of 256 autoencoded 512-token chunks never holds its 131k x 49k fp32 logits (26 GB) at once."""
     with bb.use(DECODER_ADAPTER):
         hidden = bb.model.get_decoder()(inputs_embeds=x, use_cache=False).last_hidden_state  # right pad: causal only
     target = labels[:, 1:]
     sel = target != -100
-    logits = bb.model.get_output_embeddings()(hidden[:, :-1][sel]).float()
-    loss = F.cross_entropy(logits, target[sel])
-    return loss, (logits.argmax(-1) == target[sel]).float().mean()
+    h, t = hidden[:, :-1][sel], target[sel]
+    head = bb.model.get_output_embeddings()
+    parts = [checkpoint(_ce_sum, head, h[i:i + chunk_tokens], t[i:i + chunk_tokens], use_reentrant=False)
+             if torch.is_grad_enabled() else _ce_sum(head, h[i:i + chunk_tokens], t[i:i + chunk_tokens])
+             for i in range(0, t.shape[0], chunk_tokens)]
+    return sum(p[0] for p in parts) / t.shape[0], sum(p[1] for p in parts) / t.shape[0]
+
+
+def _ce_sum(head: torch.nn.Module, h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = head(h).float()
+    return F.cross_entropy(logits, t, reduction="sum"), (logits.argmax(-1) == t).sum().float().detach()
 
 
 # -- the loop ---------------------------------------------------------------------------------
@@ -444,15 +489,17 @@ def _loop(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int) -> Pat
         with acc.autocast():
             with _phase("encode"):
                 if exs[0].vectors is None:
-                    vecs = encode_chunks(comp, exs, cfg.grad_segments)
+                    vecs, cut = cut_vectors(encode_chunks(comp, exs, cfg.grad_segments))
                 else:
-                    vecs = [[v.to(bb.device, bb.dtype) for v in e.vectors] for e in exs]
+                    vecs, cut = [[v.to(bb.device, bb.dtype) for v in e.vectors] for e in exs], []
             with _phase("decoder_batch"):
                 x, labels = batcher(vecs, [e.question for e in exs], [e.answer for e in exs])
             with _phase("decoder_loss"):
-                loss, tok_acc = answer_loss(bb, x, labels)
-        with _phase("backward"):
+                loss, tok_acc = answer_loss(bb, x, labels, cfg.loss_chunk_tokens)
+        with _phase("backward"), bb.use(DECODER_ADAPTER):
             acc.backward(loss)
+        with _phase("encoder_backward"):
+            encoder_backward(comp, cut)
         if acc.num_processes > 1:  # no DDP wrapper (adapters switch per pass): average grads by hand
             for p in params:
                 if p.grad is not None:
@@ -465,8 +512,9 @@ def _loop(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int) -> Pat
         step += 1
         if step % 20 == 0 and acc.is_main_process:
             el = time.time() - t0
-            logger.info("step %d %s loss %.3f acc %.3f | %.0f tok/s | %.1f min", step, task, loss.item(),
-                        tok_acc.item(), tokens / el, el / 60)
+            mem = f" | peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if torch.cuda.is_available() else ""
+            logger.info("step %d %s loss %.3f acc %.3f | %.0f tok/s | %.1f min%s", step, task, loss.item(),
+                        tok_acc.item(), tokens / el, el / 60, mem)
         if step % cfg.eval_every == 0 and acc.is_main_process and held is not None:
             with _phase("eval"):
                 ev = evaluate(bb, comp, held, batcher, cfg.eval_examples)
@@ -480,5 +528,6 @@ def _loop(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int) -> Pat
         log.append({"step": step, "minutes": round(el / 60, 2), **final})
         save_checkpoint(bb, comp, out, cfg, {"step": step, "eval": log, "tokens": tokens,
                                              "tokens_per_s": round(tokens / el), "seconds": round(el)})
-        logger.info("done: %d steps, %.0f tok/s, final eval %s", step, tokens / el, final)
+        mem = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if torch.cuda.is_available() else ""
+        logger.info("done: %d steps, %.0f tok/s%s, final eval %s", step, tokens / el, mem, final)
     return out

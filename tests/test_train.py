@@ -24,7 +24,8 @@ from lloco_index.corpus import Corpus, build_corpus
 from lloco_index.generation import Generator
 from lloco_index.prompts import SYSTEM_PROMPT, qa_pieces
 from lloco_index.train import (AE_QUESTION, DECODER_ADAPTER, DecoderBatcher, Example, TaskSampler, TrainConfig,
-                               answer_loss, encode_chunks, setup_models, train_compressor, train_finetune)
+                               answer_loss, cut_vectors, encode_chunks, encoder_backward, setup_models,
+                               train_compressor, train_finetune)
 
 # every field a tiny run changes from the production defaults (also the CLI flags of the CLI test)
 TINY = dict(segment_tokens=32, summary_tokens=4, encoder_r=2, encoder_alpha=4, decoder_r=2, decoder_alpha=4,
@@ -116,11 +117,12 @@ def test_decoder_batcher_labels_only_answer_and_eos(models, tokenizer):
         assert (x[i, end:] == 0).all()
 
 
-def test_answer_loss_is_cross_entropy_on_answer_tokens(models, tokenizer):
+@pytest.mark.parametrize("chunk_tokens", [8192, 3])  # one projection, or several checkpointed chunks
+def test_answer_loss_is_cross_entropy_on_answer_tokens(models, tokenizer, chunk_tokens):
     bb, _ = models
     vectors, questions, answers = _batch(models, tokenizer)
     x, labels = DecoderBatcher(bb)(vectors, questions, answers)
-    loss, acc = answer_loss(bb, x, labels)
+    loss, acc = answer_loss(bb, x, labels, chunk_tokens)
     with torch.no_grad(), bb.use(DECODER_ADAPTER):
         logits = bb.model(inputs_embeds=x).logits.float()
     pos = [(i, t) for i in range(x.shape[0]) for t in range(x.shape[1] - 1) if labels[i, t + 1] != -100]
@@ -132,6 +134,29 @@ def test_answer_loss_is_cross_entropy_on_answer_tokens(models, tokenizer):
     loss.backward()  # the loss reaches the compressed vectors (so the encoder can learn from it)
     for v in (p for row in vectors for p in row if isinstance(p, torch.Tensor)):
         assert v.grad is not None and v.grad.abs().sum() > 0
+
+
+def test_grad_checkpointing_gives_the_same_gradients(tiny_model_dir, corpus_file, tokenizer):
+    """Recomputing activations in backward is a memory trade, not a change to what is learned: the
+    encoder's layers are recomputed under the encoder adapter although the decoder ran last."""
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        bb, comp = setup_models(tiny_cfg(tiny_model_dir, corpus_file, Path("unused"), grad_checkpointing=ckpt),
+                                torch.device("cpu"), train_encoder=True)
+        assert bb.model.is_gradient_checkpointing == ckpt
+        c = Corpus.load(corpus_file).window(np.random.default_rng(0), 32)
+        vecs, cut = cut_vectors(encode_chunks(comp, [Example([c], AE_QUESTION, c, [0])], grad_budget=1))
+        x, labels = DecoderBatcher(bb)(vecs, [AE_QUESTION], [c])
+        loss, _ = answer_loss(bb, x, labels, chunk_tokens=5)
+        loss.backward()
+        encoder_backward(comp, cut)
+        named = {n: p.grad for n, p in bb.model.named_parameters() if p.requires_grad}
+        assert all(g is not None for g in named.values()) and comp.summary.grad is not None
+        grads.append({**named, "summary": comp.summary.grad})
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], atol=1e-5, rtol=1e-4)
 
 
 # -- task sampling ------------------------------------------------------------------------------
@@ -249,6 +274,12 @@ def test_init_from_loads_saved_adapters(pretrained):
     assert any(ENCODER_ADAPTER in n for n in trainable) and any(f".{DECODER_ADAPTER}." in n for n in trainable)
     assert comp.summary.requires_grad
     assert comp.fingerprint() == json.loads((out / "training_state.json").read_text())["compressor_fingerprint"]
+
+
+def test_init_from_a_missing_folder_is_an_error_not_a_fresh_start(pretrained, tmp_path):
+    cfg, _ = pretrained
+    with pytest.raises(FileNotFoundError, match="no compressor/ or decoder/"):
+        setup_models(replace(cfg, init_from=str(tmp_path / "typo")), torch.device("cpu"), train_encoder=True)
 
 
 # -- finetuning ---------------------------------------------------------------------------------

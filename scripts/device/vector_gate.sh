@@ -3,7 +3,8 @@
 # (own vectors vs another example's vs none, teacher-forced; scripts/vector_ablation.py) on qa and ae.
 #   bash scripts/device/vector_gate.sh MINUTES NAME "TRAIN FLAGS" [NAME "TRAIN FLAGS" ...]
 # Needs the corpus at $DATA/corpus.npz (DATA defaults to /root/data); TASKS (default "qa ae") picks the ablations. Per run, $OUT/gate_<NAME>.tgz holds
-# the adapters, training_state.json and the two ablation JSONs; the log lines land in $OUT/gate.log.
+# the adapters, training_state.json, the training log and the ablation JSONs; summary lines land in $OUT/gate.log.
+# A later run can continue an earlier one of the same call batch: --init_from /root/gate/<NAME>/ckpt.
 set -o pipefail
 source scripts/device/setup.sh
 DATA=${DATA:-/root/data}; minutes=$1; shift; TASKS=${TASKS:-qa ae}
@@ -12,7 +13,8 @@ while [ $# -ge 2 ]; do
   echo "== $name: $flags" | tee -a $OUT/gate.log
   # shellcheck disable=SC2086  # flags are meant to split
   python3 -m lloco_index.cli train compressor --corpus $DATA/corpus.npz --out_dir $run/ckpt --max_minutes "$minutes" \
-    --eval_every 100000 --save_every 100000 $flags 2>&1 | grep -E "step [0-9]*0 |done|Error" | tail -3 | tee -a $OUT/gate.log
+    --eval_every 100000 --save_every 100000 $flags 2>&1 | grep -v -E "Loading weights|it/s\]" > $run/train.log
+  grep -E "step [0-9]*0 |done|Error" $run/train.log | tail -3 | tee -a $OUT/gate.log
   for task in $TASKS; do
     python3 scripts/vector_ablation.py --corpus $DATA/corpus.npz --init_from $run/ckpt --task $task --n 32 \
       --out $run/ablation_$task.json 2>&1 | grep -E "loss|Error" | sed "s/^/$task  /" | tee -a $OUT/gate.log
