@@ -84,7 +84,7 @@ def text_config(model):
     return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
 
 
-def autotune_split(bb: Backbone, batch: int, length: int, candidates: Sequence[int] = (0, 8, 16, 32, 64)) -> int:
+def autotune_split(bb: Backbone, batch: int, length: int, candidates: Sequence[int] = (0, 1, 8, 16, 32, 64)) -> int:
     """Time SDPA against the split-K matmul decode attention on one layer's shapes; keep the faster."""
     cfg = text_config(bb.model)
     heads = cfg.num_attention_heads

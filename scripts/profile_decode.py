@@ -2,7 +2,7 @@
 
     python3 scripts/profile_decode.py --shape 7b --context 1164 --out $OUT/profile_decode.json [--try-compile]
 
-``gemv``: each distinct projection weight shape at batch 1, cycling over >= 512 MiB of the model's own weights
+``gemv``: each distinct projection weight shape the engine reads (q/k/v and gate/up fused) at batch 1, cycling over >= 512 MiB of the model's own weights
 (past L2), replayed from a CUDA graph: us, GB/s of weight bytes read, fraction of the measured copy bandwidth;
 on CUDA also through torch.compile (max-autotune) and as FP8 weights (``torch._scaled_mm``, 16 input rows).
 ``step``: ``--context`` random vector positions prefilled (1164 = LLoCO at 32k source tokens), then the engine's
@@ -30,6 +30,7 @@ from lloco_index.bench_utils import (SHAPES, Cost, Ctx, attempt, build_backbone,
                                      median, say, sync, timed)
 from lloco_index.decode_ops import Clock
 from lloco_index.fast_decode import COMPILE_OPTIONS, FastDecoder, _Runner
+from lloco_index.lean_llama import LeanLlama, support
 
 CATEGORIES = [(re.compile(p, re.I), c) for p, c in (  # first match wins: CUDA kernel names, or aten ops on CPU
     ("flash|fmha|attention|softmax", "attention"),
@@ -72,9 +73,8 @@ def device_seconds(fn: Callable[[], object], device: torch.device, reps: int) ->
 
 def section_gemv(ctx: Ctx, out: dict, args: argparse.Namespace, shared: dict) -> None:
     dev, cuda, groups, rows = ctx.device, ctx.device.type == "cuda", {}, out.setdefault("rows", [])
-    for name, m in ctx.bb.model.named_modules():
-        if isinstance(m, torch.nn.Linear) and "lora_" not in name:
-            groups.setdefault(tuple(m.weight.shape), []).append((name.rsplit(".", 1)[-1], m.weight.detach()))
+    for name, w in engine_weights(ctx.bb.model):
+        groups.setdefault(tuple(w.shape), []).append((name, w.detach()))
     cap_end = time.perf_counter() + args.compile_cap_s
     fp8 = cuda and hasattr(torch, "float8_e4m3fn") and torch.cuda.get_device_capability(dev) >= (8, 9)
     if not fp8:
@@ -114,6 +114,16 @@ def section_gemv(ctx: Ctx, out: dict, args: argparse.Namespace, shared: dict) ->
     say(markdown_table(rows, ["weights", "shape", "per_step", "variant", "us", "gbs", "of_copy_bw",
                               "speedup_vs_linear", "skipped", "error"]))
     say(f"  every projection of a step, back to back (us): {out.get('us_per_step')} {out.get('skipped', '')}")
+
+
+def engine_weights(model) -> list[tuple[str, torch.Tensor]]:
+    """The weight matrices a decode step reads, as the engine lays them out (fused q/k/v and gate/up)."""
+    if support(model, None) is not None:
+        return [(n.rsplit(".", 1)[-1], m.weight) for n, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear) and "lora_" not in n]
+    lean = LeanLlama(model, None)
+    return [(n, layer[n].w) for layer in lean.layers for n in ("qkv", "o_proj", "gate_up", "down_proj")] + \
+        [("lm_head", lean.head.w)]
 
 
 def kernel_profile(fn: Callable[[], object], steps: int, device: torch.device) -> dict:

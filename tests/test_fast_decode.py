@@ -175,6 +175,32 @@ def test_lean_step_launches_fewer_kernels(sharp_backbone):
     assert base_lean <= 0.8 * base_hf and lora_lean <= 0.7 * lora_hf, (base_hf, base_lean, lora_hf, lora_lean)
 
 
+def test_fused_projections_keep_the_model_and_its_memory(tiny_model_dir):
+    """q/k/v and gate/up become row blocks of one tensor: same values, same logits, no copy kept, and
+    the model still trains (the fused weights are plain tensors even when made under inference mode)."""
+    from peft import LoraConfig
+
+    bb = _sharpened(tiny_model_dir, 4)
+    bb.add_adapter("t", LoraConfig(r=2, target_modules=["q_proj", "k_proj"], init_lora_weights=False))
+    ids = torch.tensor([[3, 17, 5, 9]])
+    at = bb.model.get_base_model().model.layers[0].self_attn
+    with torch.no_grad(), bb.use("t"):
+        before, q = bb.model(input_ids=ids).logits, at.q_proj.base_layer.weight.clone()
+    with torch.inference_mode():
+        FastDecoder(bb)
+    qw, kw, vw = (m.base_layer.weight if hasattr(m, "base_layer") else m.weight
+                  for m in (at.q_proj, at.k_proj, at.v_proj))
+    assert torch.equal(qw, q) and len({w.untyped_storage().data_ptr() for w in (qw, kw, vw)}) == 1
+    ptr = qw.untyped_storage().data_ptr()
+    FastDecoder(bb)  # already fused: nothing is copied again (graphs hold raw pointers)
+    assert qw.untyped_storage().data_ptr() == ptr
+    with bb.use("t"):
+        after = bb.model(input_ids=ids).logits
+        torch.testing.assert_close(after, before)
+        after.sum().backward()
+    assert all(p.grad is not None for n, p in bb.model.named_parameters() if ".t." in n and "lora_" in n)
+
+
 def test_unsupported_adapter_falls_back_and_updated_adapter_is_picked_up(tiny_model_dir):
     from peft import LoraConfig
 
