@@ -1,0 +1,29 @@
+"""The bundled defaults (0.3.0) read invented facts out of the vectors alone, on CPU.
+
+A regression test of the shipped weights, not of the code: a retrained compressor or adapter that stops
+reading its vectors (as 0.1.0 and 0.2.0 did) fails here. docs/quality.md has the measured dev-set figures.
+"""
+
+from __future__ import annotations
+
+FILLER = ("The committee met on a grey morning to review the harbour accounts. Several members asked about the "
+          "repairs to the eastern pier, and the treasurer read out the figures for the year. ")
+FACTS = [  # (sentence hidden in the filler, question, answer); made up here, not in any training template's data
+    ("Ottoline Brackwater was born in the town of Fenwick.", "In which town was Ottoline Brackwater born?", "Fenwick"),
+    ("The door code of Tamsin Arkwright's workshop is 4817.", "What is the door code of Tamsin Arkwright's workshop?",
+     "4817"),
+    ("Jasper Quill keeps a brass compass on the shelf above the stove.",
+     "What does Jasper Quill keep on the shelf above the stove?", "brass compass"),
+    ("Mirela Voss learned to sail in 1962.", "In which year did Mirela Voss learn to sail?", "1962"),
+]
+
+
+def test_bundled_defaults_answer_from_vectors_alone(default_lloco):
+    right = 0
+    for sentence, question, answer in FACTS:
+        with_fact = default_lloco.answer(question, [FILLER * 2 + sentence + " " + FILLER])  # expand=0: vectors only
+        without = default_lloco.answer(question, [FILLER * 3])
+        assert with_fact.context_vectors > 0 and sentence not in str(with_fact.to_dict())
+        assert answer.lower() not in without.answer.lower()  # the answer is not guessed from the question
+        right += answer.lower() in with_fact.answer.lower()
+    assert right >= 2, f"{right}/4 facts read from the vectors (3/4 when 0.3.0 shipped)"
