@@ -268,9 +268,24 @@ def split_options(options: list[str]) -> tuple[dict[str, str], list[str]]:
     return pairs, rest
 
 
+def _train_help(what: str) -> str:
+    from dataclasses import fields
+
+    from .train import TrainConfig
+
+    if what == "corpus":
+        return ("usage: lloco train corpus [--out corpus.npz] [--max_tokens 5000000] [--model smollm2-135m] "
+                "SOURCE...\n  SOURCE: .txt/.rst/.md/.gz files or folders of them")
+    return "\n".join([f"usage: lloco train {what} --KEY VALUE ...  (TrainConfig; recipes in docs/training.md)",
+                      *(f"  --{f.name} {f.default!r}" for f in fields(TrainConfig))])
+
+
 def cmd_train(args) -> None:
     from .train import TrainConfig, train_compressor, train_finetune
 
+    if {"-h", "--help"} & set(args.options):
+        print(_train_help(args.what))
+        return
     logging.getLogger("lloco_index").setLevel(logging.INFO)
     pairs, rest = split_options(args.options)
     if args.what == "corpus":

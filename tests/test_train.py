@@ -356,6 +356,17 @@ def test_cli_run_reproduces_api_run_bit_for_bit(pretrained, tmp_path, capsys):
         assert (tmp_path / "cli" / f).read_bytes() == (first / f).read_bytes(), f
 
 
+def test_cli_train_help_lists_every_option(capsys):
+    from dataclasses import fields
+
+    from lloco_index.cli import main
+
+    assert main(["train", "compressor", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"--{f.name} " in out for f in fields(TrainConfig)) and "--grad_checkpointing False" in out
+    assert main(["train", "corpus", "-h"]) == 0 and "SOURCE" in capsys.readouterr().out
+
+
 def test_profile_script_reports_every_phase(tiny_model_dir, corpus_file, tmp_path):
     """scripts/profile_train.py runs the real loop under torch.profiler and names each phase."""
     import os
