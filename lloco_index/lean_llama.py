@@ -6,8 +6,8 @@ modules this forward launches about a third fewer per layer, with the same arith
 
 - q, k and v are one GEMM, and so are gate and up: their weights are laid out once as row blocks of
   one tensor (the modules' weights become views of it, so no memory is added), and one long GEMV
-  reads memory faster than three short ones (cuBLAS on an H100: 71% of copy bandwidth at 4096x4096,
-  86% at 11008x4096);
+  reads memory faster than three short ones (cuBLAS on an H100: 69-71% of copy bandwidth at 4096x4096,
+  89% at 12288x4096; docs/benchmarks.md);
 - RMSNorm is one ``F.rms_norm``; the residual adds ride in o_proj's and down_proj's GEMMs (``addmm_``);
 - rotary runs once over q and k together, as ``roll`` + ``addcmul`` (rotate_half(x) = roll(x) * sign);
 - a LoRA adapter costs two GEMMs per projection (``x @ A``, then ``addmm`` into the output with the
