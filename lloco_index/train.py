@@ -23,6 +23,7 @@ import random
 import re
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -321,9 +322,8 @@ def answer_loss(bb: Backbone, x: torch.Tensor, labels: torch.Tensor,
     sel = target != -100
     h, t = hidden[:, :-1][sel], target[sel]
     head = bb.model.get_output_embeddings()
-    parts = [checkpoint(_ce_sum, head, h[i:i + chunk_tokens], t[i:i + chunk_tokens], use_reentrant=False)
-             if torch.is_grad_enabled() else _ce_sum(head, h[i:i + chunk_tokens], t[i:i + chunk_tokens])
-             for i in range(0, t.shape[0], chunk_tokens)]
+    ce = partial(checkpoint, _ce_sum, use_reentrant=False) if torch.is_grad_enabled() else _ce_sum
+    parts = [ce(head, h[i:i + chunk_tokens], t[i:i + chunk_tokens]) for i in range(0, t.shape[0], chunk_tokens)]
     return sum(p[0] for p in parts) / t.shape[0], sum(p[1] for p in parts) / t.shape[0]
 
 
