@@ -85,35 +85,55 @@ def text_config(model):
 
 
 def autotune_split(bb: Backbone, batch: int, length: int, candidates: Sequence[int] = (0, 1, 8, 16, 32, 64)) -> int:
-    """Time SDPA against the split-K matmul decode attention on one layer's shapes; keep the faster."""
+    """Time SDPA against the split-K matmul decode attention on one layer's shapes; keep the faster.
+
+    On CUDA each candidate is timed as replays of a captured graph, as the decoder runs it: timed eagerly,
+    launch overhead would favour SDPA's one kernel over the matmul path's few."""
     cfg = text_config(bb.model)
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     module = next(m for m in bb.model.modules() if hasattr(m, "num_key_value_groups"))
     dev, dt = bb.device, bb.dtype
-    with torch.inference_mode():
+    with torch.inference_mode(), bb.lock:  # no other thread may launch work while a graph is captured
         q = torch.randn(batch, heads, 1, head_dim, device=dev, dtype=dt)
         k = torch.randn(batch, kv_heads, length, head_dim, device=dev, dtype=dt)
         v = torch.randn_like(k)
-        mask = torch.ones(batch, 1, 1, length, dtype=torch.bool, device=dev)
+        mask = torch.zeros(batch, 1, 1, length, dtype=dt, device=dev)  # additive, as the decoder passes it
         best, best_t = 0, float("inf")
         for s in (c for c in candidates if length % max(c, 1) == 0):
             try:
-                for _ in range(3):
-                    decode_attention(module, q, k, v, mask, split=s)
-                clock = Clock(dev)
-                for _ in range(10):
-                    decode_attention(module, q, k, v, mask, split=s)
-                clock.mark()
-                t = clock.spans("t")["t"]
+                t = _seconds(lambda: decode_attention(module, q, k, v, mask, split=s), dev)
             except RuntimeError as e:
                 logger.warning("decode attention split=%d failed: %s", s, e)
                 continue
             if t < best_t:
                 best, best_t = s, t
-    logger.info("decode attention for batch %d, cache %d: split=%d (%.3f ms)", batch, length, best, best_t * 100)
+    logger.info("decode attention for batch %d, cache %d: split=%d (%.1f us)", batch, length, best, best_t * 1e6)
     return best
+
+
+def _seconds(fn, device: torch.device, reps: int = 10) -> float:
+    """Seconds per call of ``fn``: graph replays on CUDA (kernel time only), plain calls elsewhere."""
+    for _ in range(3):
+        fn()
+    run = lambda: [fn() for _ in range(reps)]  # noqa: E731
+    if device.type == "cuda":
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        graph.replay()
+        run = graph.replay
+    clock = Clock(device)
+    for _ in range(3):
+        run()
+    clock.mark()
+    return clock.spans("t")["t"] / (3 * reps)
 
 
 class Clock:
