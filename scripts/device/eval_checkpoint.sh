@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Quick GPU quality check of training checkpoints beside the shipped defaults, in one run on the same data:
 #   bash scripts/device/eval_checkpoint.sh NAME DIR [NAME DIR ...]      (DIR "-" = the shipped defaults)
-# For each: dev QA with the best chunk as text (--expand 1, the product's mode), then all vectors; then the needle
-# with all vectors at 1k-16k for the first checkpoint. Needs $DATA/dev.jsonl and $DATA/paul_graham (DATA defaults
-# to /root/data). Each report is copied to $OUT as soon as it is written, so a timeout loses nothing finished.
+# For each: dev QA with the best chunk as text (--expand 1), then all vectors; then the needle for each checkpoint,
+# whole-document mode, with NIAH_FLAGS (default: all vectors at 1k-16k; e.g. NIAH_FLAGS="--expand 1 --lengths
+# 1000 8000 32000 64000 128000"). Needs $DATA/dev.jsonl and $DATA/paul_graham (DATA defaults to /root/data).
+# Each report is copied to $OUT as soon as it is written, so a timeout loses nothing finished.
 set -o pipefail
 source scripts/device/setup.sh
 DATA=${DATA:-/root/data}; R=/root/eval; mkdir -p $R; pairs=("$@")
@@ -20,6 +21,9 @@ for ((i = 0; i < ${#pairs[@]}; i += 2)); do
   # shellcheck disable=SC2046
   ev qa_${pairs[i]}_lloco qa $DATA/dev.jsonl --mode lloco --batch-size 16 $(weights ${pairs[i+1]})
 done
-# shellcheck disable=SC2046
-ev niah_${pairs[0]}_lloco niah --haystack $DATA/paul_graham --lengths 1000 2000 4000 8000 16000 --depths 0 25 50 75 100 \
-  --modes lloco --batch-size 8 $(weights ${pairs[1]})
+NIAH_FLAGS=${NIAH_FLAGS:---lengths 1000 2000 4000 8000 16000}
+for ((i = 0; i < ${#pairs[@]}; i += 2)); do
+  # shellcheck disable=SC2046,SC2086  # weights() and NIAH_FLAGS are meant to split
+  ev niah_${pairs[i]}_lloco niah --haystack $DATA/paul_graham --depths 0 25 50 75 100 --modes lloco --batch-size 8 \
+    $NIAH_FLAGS $(weights ${pairs[i+1]})
+done
