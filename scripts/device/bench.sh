@@ -5,7 +5,7 @@
 # The default-model rows need the carried SmolLM2 GGUF (see setup.sh); without it only the 7B shape runs.
 set -o pipefail
 shapes=7b
-if [ -f /root/m/model.gguf ] || { [ -f /root/m/part1 ] && [ -f .device-model/b/part2 ]; }; then
+if [ -f /root/m/model.gguf ] || [ -f /root/m/part3 ]; then
   source scripts/device/setup.sh && shapes=7b,default
 else
   export PYTHONPATH=$PWD PYTHONUNBUFFERED=1

