@@ -302,7 +302,8 @@ def cmd_train(args) -> None:
         return
     cfg = TrainConfig.from_args(pairs)
     out = (train_compressor if args.what == "compressor" else train_finetune)(cfg)
-    _emit(args, {"out_dir": str(out)}, f"saved to {out} (compressor/, decoder/, training_state.json)")
+    if os.environ.get("RANK", "0") == "0":  # under a multi-process launch only process 0 saved
+        _emit(args, {"out_dir": str(out)}, f"saved to {out} (compressor/, decoder/, training_state.json)")
 
 
 def cmd_verify(args) -> int:

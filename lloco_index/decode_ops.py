@@ -1,8 +1,8 @@
 """Operations the fast decoder swaps into the model for its own passes.
 
-``decode_attention``: one query token against a whole static cache (SDPA, or split-K matmuls that
-spread a long cache over many thread blocks); ``autotune_split`` picks between them by timing on
-the device. ``patched``: routes attention through it and runs RMSNorm as one ``F.rms_norm`` call.
+``decode_attention``: one query token against a whole static cache (SDPA, split-K matmuls that
+spread a long cache over many thread blocks, or the Triton flash-decoding kernels of ``triton_decode``);
+``autotune_split`` picks among them by timing on the device. ``patched``: routes attention through it and runs RMSNorm as one ``F.rms_norm`` call.
 ``Clock``: phase timings without a host sync until they are read.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from functools import partial
+from functools import cache, partial
 from typing import Iterator, Sequence
 
 import torch
@@ -30,21 +30,36 @@ def decode_attention(module, query, key, value, attention_mask, dropout: float =
     ``split=0`` is SDPA. ``split=n`` is plain matmuls (HF eager-attention precision: bf16 scores,
     fp32 softmax) with the value product split ``n`` ways along the cache, so a 32k-token cache is
     read by many thread blocks rather than one per head; query heads sharing a KV head (GQA) ride
-    along as extra rows instead of repeating the cache.
+    along as extra rows instead of repeating the cache. ``split=-n`` is the Triton flash-decoding
+    kernels with ``n`` programs per KV head along the cache (additive masks, where Triton is installed).
+    Anything a path cannot take goes to SDPA.
     """
     b, h, q, d = query.shape
     hk, length = key.shape[1], key.shape[2]
+    scale = d ** -0.5 if scaling is None else scaling
+    float_mask = attention_mask is not None and attention_mask.dtype != torch.bool
+    if split < 0 and q == 1 and float_mask and d & (d - 1) == 0 and flash_decode_kernel() is not None:
+        return flash_decode_kernel()(query, key, value, attention_mask, scale, -split), None
     if split <= 0 or q != 1 or length % split or attention_mask is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     g = h // hk
-    scale = d ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query.reshape(b, hk, g, d) * scale, key.transpose(2, 3)).float()
     mask = attention_mask.view(b, 1, 1, length)
     scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     probs = torch.softmax(scores, dim=-1).to(value.dtype).view(b, hk, g, split, length // split).transpose(2, 3)
     out = torch.matmul(probs, value.view(b, hk, split, length // split, d)).sum(2, dtype=torch.float32)
     return out.to(query.dtype).reshape(b, h, 1, d).transpose(1, 2).contiguous(), None
+
+
+@cache
+def flash_decode_kernel():
+    """``triton_decode.flash_decode``, or None where Triton is missing (CPU builds of torch)."""
+    try:
+        from .triton_decode import flash_decode
+    except ImportError:
+        return None
+    return flash_decode
 
 
 @contextmanager
@@ -84,11 +99,13 @@ def text_config(model):
     return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
 
 
-def autotune_split(bb: Backbone, batch: int, length: int, candidates: Sequence[int] = (0, 1, 8, 16, 32, 64)) -> int:
-    """Time SDPA against the split-K matmul decode attention on one layer's shapes; keep the faster.
+def autotune_split(bb: Backbone, batch: int, length: int,
+                   candidates: Sequence[int] = (0, 1, 8, 16, 32, 64, -4, -8, -16, -32)) -> int:
+    """Time SDPA, the split-K matmuls and the Triton kernels (negative splits, CUDA only) on one layer's
+    shapes; keep the fastest.
 
     On CUDA each candidate is timed as replays of a captured graph, as the decoder runs it: timed eagerly,
-    launch overhead would favour SDPA's one kernel over the matmul path's few."""
+    launch overhead would favour SDPA's one kernel over the other paths' few."""
     cfg = text_config(bb.model)
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -100,16 +117,24 @@ def autotune_split(bb: Backbone, batch: int, length: int, candidates: Sequence[i
         k = torch.randn(batch, kv_heads, length, head_dim, device=dev, dtype=dt)
         v = torch.randn_like(k)
         mask = torch.zeros(batch, 1, 1, length, dtype=dt, device=dev)  # additive, as the decoder passes it
-        best, best_t = 0, float("inf")
-        for s in (c for c in candidates if length % max(c, 1) == 0):
+        times: dict[int, float] = {}
+        triton = dev.type == "cuda" and flash_decode_kernel() is not None
+        ref = decode_attention(module, q, k, v, mask, split=0)[0].float()
+        for s in (c for c in candidates if (triton if c < 0 else length % max(c, 1) == 0)):
             try:
+                out = decode_attention(module, q, k, v, mask, split=s)[0].float()
+                if not torch.allclose(out, ref, atol=5e-2, rtol=5e-2):  # fast but wrong is never chosen
+                    raise RuntimeError(f"differs from SDPA by {(out - ref).abs().max().item():.3g}")
                 t = _seconds(lambda: decode_attention(module, q, k, v, mask, split=s), dev)
-            except RuntimeError as e:
+            except Exception as e:  # e.g. a kernel that does not build on this device: not a candidate
+                if isinstance(e, torch.cuda.OutOfMemoryError):
+                    raise
                 logger.warning("decode attention split=%d failed: %s", s, e)
                 continue
-            if t < best_t:
-                best, best_t = s, t
-    logger.info("decode attention for batch %d, cache %d: split=%d (%.1f us)", batch, length, best, best_t * 1e6)
+            times[s] = t
+    best = min(times, key=times.get, default=0)
+    logger.info("decode attention for batch %d, cache %d: split=%d; us per call: %s", batch, length, best,
+                ", ".join(f"{s}={t * 1e6:.1f}" for s, t in times.items()))
     return best
 
 

@@ -131,7 +131,10 @@ def convert_embedded(name: str) -> Path:
     save_model(model, str(tmp / "model.safetensors"))
     tokenizer.save_pretrained(tmp)
     (tmp / "lloco_source.json").write_text(json.dumps({"gguf": spec.filename, "sha256": spec.gguf_sha256}))
-    if out.exists():
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        shutil.rmtree(tmp)  # another process (a multi-GPU launch) finished first: keep the copy it may be reading
+        return out
+    if out.exists():  # an incomplete folder from an interrupted conversion
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out

@@ -417,8 +417,9 @@ def train_compressor(cfg: TrainConfig, held_out_eval: bool = True) -> Path:
     from accelerate import Accelerator
 
     acc = Accelerator(mixed_precision="bf16" if cfg.bf16 and torch.cuda.is_available() else "no")
-    torch.manual_seed(cfg.seed + acc.process_index)
+    torch.manual_seed(cfg.seed)
     bb, comp = setup_models(cfg, acc.device, train_encoder=True)
+    torch.manual_seed(cfg.seed + acc.process_index)  # same initial weights everywhere, different data
     train_c, held_c = Corpus.load(cfg.corpus).split()
     if comp.vector_mean is not None and not comp.vector_mean.any():  # new: fit it (same segments in every process)
         rng = np.random.default_rng(cfg.seed)
@@ -445,6 +446,7 @@ def train_finetune(cfg: TrainConfig) -> Path:
     acc = Accelerator(mixed_precision="bf16" if cfg.bf16 and torch.cuda.is_available() else "no")
     torch.manual_seed(cfg.seed)
     bb, comp = setup_models(cfg, acc.device, train_encoder=False)
+    torch.manual_seed(cfg.seed + acc.process_index)
     store = CompressedStore(Path(cfg.out_dir) / "store", fingerprint=comp.fingerprint(), create=True,
                             compressor_config=asdict(comp.config))
     lloco = LLoCO(bb, comp, store)
@@ -455,8 +457,8 @@ def train_finetune(cfg: TrainConfig) -> Path:
         keys = lloco.compress_texts([c.text for d in ex.documents for c in lloco.chunk(d)])
         ids = bb.tokenizer(ex.answers[0], add_special_tokens=False)["input_ids"]
         examples.append(Example([], ex.question, ids, vectors=store.get_many(keys)))
-    rng = random.Random(cfg.seed)
-    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    rng = random.Random(cfg.seed + acc.process_index)  # each process draws its own batches
+    steps_per_epoch = math.ceil(len(examples) / (cfg.batch_size * acc.num_processes))
     order: list[Example] = []
 
     def next_batch() -> tuple[str, list[Example]]:
@@ -481,15 +483,35 @@ def _peak_memory() -> str:
     return f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if torch.cuda.is_available() else ""
 
 
+def _elapsed(acc, t0: float) -> float:
+    """Seconds since ``t0``, the same number in every process (their mean): the wall-clock stop and the
+    learning rate depend on it, and processes that disagreed would drift apart or, stopping a step apart,
+    leave the others waiting in a gradient all-reduce forever."""
+    if acc.num_processes == 1:
+        return time.time() - t0
+    return acc.reduce(torch.tensor([time.time() - t0], dtype=torch.float64, device=acc.device), "mean").item()
+
+
+def _in_sync(acc, params: list[torch.Tensor]) -> bool:
+    """Whether every process holds the same trainable weights (collective: all processes call it)."""
+    same = all(torch.equal(p.detach(), acc.reduce(p.detach().clone(), "mean")) for p in params)
+    return bool(acc.reduce(torch.tensor([float(same)], device=acc.device), "sum").item() == acc.num_processes)
+
+
 def _loop(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int) -> Path:
     out = Path(cfg.out_dir)
     t0, tokens, step, log = time.time(), 0, 0, []
     params = [p for g in opt.param_groups for p in g["params"]]
-    while step < total and (time.time() - t0) < cfg.max_minutes * 60:
+    if acc.num_processes > 1:  # replicas start from process 0's weights, whatever their own initialisation did
+        from accelerate.utils import broadcast
+
+        for p in params:
+            p.data.copy_(broadcast(p.data.clone(), from_process=0))
+    while step < total and (elapsed := _elapsed(acc, t0)) < cfg.max_minutes * 60:
         with _phase("sample"):
             task, exs = next_batch()
         for g, base in zip(opt.param_groups, (cfg.lr, cfg.summary_lr)):
-            g["lr"] = _lr(step, cfg, base, max(step / total, (time.time() - t0) / (cfg.max_minutes * 60)))
+            g["lr"] = _lr(step, cfg, base, max(step / total, elapsed / (cfg.max_minutes * 60)))
         with acc.autocast():
             with _phase("encode"):
                 if exs[0].vectors is None:
@@ -504,10 +526,9 @@ def _loop(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int) -> Pat
             acc.backward(loss)
         with _phase("encoder_backward"):
             encoder_backward(comp, cut)
-        if acc.num_processes > 1:  # no DDP wrapper (adapters switch per pass): average grads by hand
-            for p in params:
-                if p.grad is not None:
-                    p.grad = acc.reduce(p.grad, "mean")
+        if acc.num_processes > 1:  # no DDP wrapper (adapters switch per pass): average grads by hand;
+            for p in params:  # a process whose step left a parameter untouched adds zeros, so every collective matches
+                p.grad = acc.reduce(p.grad if p.grad is not None else torch.zeros_like(p), "mean")
         with _phase("optimizer"):
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -516,8 +537,9 @@ def _loop(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int) -> Pat
         step += 1
         if step % 20 == 0 and acc.is_main_process:
             el = time.time() - t0
-            logger.info("step %d %s loss %.3f acc %.3f | %.0f tok/s | %.1f min%s", step, task, loss.item(),
-                        tok_acc.item(), tokens / el, el / 60, _peak_memory())
+            logger.info("step %d %s loss %.3f acc %.3f | %.0f tok/s%s | %.1f min%s", step, task, loss.item(),
+                        tok_acc.item(), tokens / el, " in process 0" if acc.num_processes > 1 else "", el / 60,
+                        _peak_memory())
         if step % cfg.eval_every == 0 and acc.is_main_process and held is not None:
             with _phase("eval"):
                 ev = evaluate(bb, comp, held, batcher, cfg.eval_examples)
@@ -526,10 +548,14 @@ def _loop(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int) -> Pat
         if step % cfg.save_every == 0 and acc.is_main_process:
             save_checkpoint(bb, comp, out, cfg, {"step": step, "eval": log})
     el = time.time() - t0
+    sync = {}
+    if acc.num_processes > 1:  # throughput of all processes together; replicas that drifted apart are reported
+        tokens = int(acc.reduce(torch.tensor([float(tokens)], device=acc.device), "sum").item())
+        sync = {"processes": acc.num_processes, "replicas_in_sync": _in_sync(acc, params)}
     if acc.is_main_process:
         final = evaluate(bb, comp, held, batcher, cfg.eval_examples) if held is not None else {}
         log.append({"step": step, "minutes": round(el / 60, 2), **final})
-        save_checkpoint(bb, comp, out, cfg, {"step": step, "eval": log, "tokens": tokens,
+        save_checkpoint(bb, comp, out, cfg, {"step": step, "eval": log, "tokens": tokens, **sync,
                                              "tokens_per_s": round(tokens / el), "seconds": round(el)})
         logger.info("done: %d steps, %.0f tok/s%s, final eval %s", step, tokens / el, _peak_memory(), final)
     return out

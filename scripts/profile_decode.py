@@ -205,6 +205,26 @@ def section_step(ctx: Ctx, out: dict, args: argparse.Namespace, shared: dict) ->
         f"{out['graph_kernel_ms_per_step']} ms), gap {out['gap_ms']} ms")
 
 
+def section_prefill(ctx: Ctx, out: dict, args: argparse.Namespace, shared: dict) -> None:
+    """Where the prompt's prefill goes (eager, as the engine runs it): kernels by category, and the
+    GEMMs' rate against the layers' Linear FLOPs."""
+    runner, dev = shared["runner"], ctx.device
+    with torch.inference_mode():
+        prefill = lambda: runner.prefill(shared["x"], shared["mask"], args.new_tokens, argmax)  # noqa: E731
+        prefill()  # warm-up
+        wall = median(timed(prefill, dev, args.reps, warmup=1))
+        prof = out["profile"] = kernel_profile(prefill, 1, dev)
+    gemm_s = prof["categories"].get("gemm/gemv", {}).get("us_per_step", 0.0) / 1e6
+    flops = 2 * ctx.cost.linear_params * args.context
+    out.update(ms=1e3 * wall, kernel_ms=prof["us_per_step"] / 1e3, gemm_ms=1e3 * gemm_s,
+               gemm_tflops=flops / gemm_s / 1e12 if gemm_s else None, positions=args.context)
+    say(markdown_table([{"category": c, **v} for c, v in prof["categories"].items()],
+                       ["category", "us_per_step", "launches_per_step", "share"]))
+    say(markdown_table(prof["top"], ["name", "category", "us_per_step", "calls_per_step"]))
+    say(f"  prefill of {args.context} positions: {out['ms']:.2f} ms wall, kernels {out['kernel_ms']:.2f} ms, "
+        f"GEMMs {out['gemm_ms']:.2f} ms = {out['gemm_tflops'] or 0:.0f} TFLOP/s on the Linear layers")
+
+
 def section_compiled_step(ctx: Ctx, out: dict, args: argparse.Namespace, shared: dict) -> None:
     if not args.try_compile or ctx.device.type != "cuda":
         out["skipped"] = "needs CUDA" if args.try_compile else "opt-in: --try-compile"
@@ -250,7 +270,8 @@ def main(argv: list[str]) -> dict:
     report["meta"].update(bandwidth_gbs=bw / 1e9, model=bb.name_or_path, dtype=str(bb.dtype))
     say(f"{report['meta']['device']}: {bw / 1e9:.0f} GB/s copy (measured); {bb.name_or_path} {bb.dtype}")
     shared: dict = {}
-    for section, fn in (("gemv", section_gemv), ("step", section_step), ("compiled_step", section_compiled_step)):
+    for section, fn in (("gemv", section_gemv), ("step", section_step), ("prefill", section_prefill),
+                        ("compiled_step", section_compiled_step)):
         say(f"[{section}]")
         try:
             fn(ctx, report.setdefault(section, {}), args, shared)  # partial results survive an error

@@ -7,6 +7,7 @@ examples), so the file stays fast; they check what a real run relies on, not the
 from __future__ import annotations
 
 import json
+import os
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -451,3 +452,27 @@ def test_train_decoder_false_freezes_the_decoder_adapter(tiny_model_dir, corpus_
     trainable = [n for n, p in bb.model.named_parameters() if p.requires_grad]
     assert trainable and all(ENCODER_ADAPTER in n for n in trainable)
     assert comp.summary.requires_grad
+
+
+def test_two_processes_train_one_model(tiny_model_dir, corpus_file, tmp_path):
+    """`torchrun --nproc_per_node 2` on CPU (gloo), as `accelerate launch` runs it on GPUs: the replicas start
+    from the same weights and stay identical (gradients averaged by hand), a wall-clock stop ends every
+    process at the same step instead of leaving one in an all-reduce, and the tokens of both are counted."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    options = {**TINY, "base_model": str(tiny_model_dir), "corpus": str(corpus_file), "max_steps": 1000,
+               "max_minutes": 0.15, "out_dir": str(tmp_path / "ddp")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "lloco_index.cli", "train", "compressor",
+           *[a for k, v in options.items() for a in (f"--{k}", str(v))]]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = json.loads((tmp_path / "ddp" / "training_state.json").read_text())
+    assert state["processes"] == 2 and state["replicas_in_sync"] is True and 1 < state["step"] < 1000
+    assert r.stdout.count("saved to") == 1  # process 0 reports and saves
