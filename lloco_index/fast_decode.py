@@ -210,15 +210,24 @@ class _Runner:
             for t, s in zip(state, saved):
                 t.copy_(s)
 
+    def capture(self) -> None:
+        """Capture the step's graph, each failure giving up one thing: the Triton attention inside
+        torch.compile (SDPA instead), then compilation, then the lean forward."""
+        self.graph_error = self._capture()
+        if self.graph_error and self.compiled and self.split < 0:
+            logger.warning("compiled step with the Triton attention failed, using SDPA: %s", self.graph_error)
+            self.split = 0
+            self.graph_error = self._capture()
+        if self.graph_error and self.compiled:  # retry uncompiled
+            self._drop_compiled(f"capture: {self.graph_error}")
+            self.graph_error = self._capture()
+        if self.graph_error and self.lean is not None:  # retry through the transformers modules
+            self._drop_lean(f"capture: {self.graph_error}")
+            self.graph_error = self._capture()
+
     def step(self, index: int, sample: Sampler, greedy: bool) -> None:
         if self.use_graph and self.graph is None and self.graph_error is None:
-            self.graph_error = self._capture()
-            if self.graph_error and self.compiled:  # retry uncompiled
-                self._drop_compiled(f"capture: {self.graph_error}")
-                self.graph_error = self._capture()
-            if self.graph_error and self.lean is not None:  # retry through the transformers modules
-                self._drop_lean(f"capture: {self.graph_error}")
-                self.graph_error = self._capture()
+            self.capture()
         if self.graph is not None:
             self.graph.replay()
         else:

@@ -236,10 +236,11 @@ def section_compiled_step(ctx: Ctx, out: dict, args: argparse.Namespace, shared:
         runner.prefill(shared["x"], shared["mask"], n, argmax)
         state = restore(runner)
         with deadline(args.compile_cap_s):
-            runner.graph_error = runner._capture()
-        out.update(compile_and_capture_s=time.perf_counter() - t0, graph_error=runner.graph_error)
-        if runner.graph is None:
-            raise RuntimeError(f"compile/capture: {runner.graph_error}")
+            runner.capture()  # as the engine does: a failure gives up the Triton attention, then compilation
+        out.update(compile_and_capture_s=time.perf_counter() - t0, graph_error=runner.graph_error,
+                   attention_split=runner.split)
+        if runner.graph is None or not runner.compiled:
+            raise RuntimeError(f"compile/capture: {runner.graph_error or 'fell back to the uncompiled step'}")
         step_s, tokens = replay(runner, state, n - 1, args.reps)
     same = next((i for i, (a, b) in enumerate(zip(tokens, shared["tokens"])) if a != b), len(tokens))
     out.update(step_ms=1e3 * step_s, speedup=shared["step_s"] / step_s, tokens_equal=tokens == shared["tokens"],

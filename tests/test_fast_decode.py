@@ -254,3 +254,18 @@ def test_compiled_step_matches_eager(sharp_backbone):
     prompts = _prompts(sharp_backbone, (9, 21))
     assert _ids(fast, prompts, cfg) == _ids(eager, prompts, cfg)
     assert all(r.compiled for runners in fast.fast._idle.values() for r in runners)  # it did not fall back
+
+
+def test_capture_gives_up_the_triton_attention_before_compilation(sharp_backbone, monkeypatch):
+    """A compiled step whose Triton attention fails inside torch.compile keeps compilation and takes SDPA."""
+    _, runner = FastDecoder(sharp_backbone)._acquire(None, 1, 20)
+    runner.split, runner.compiled = -4, True
+    tried = []
+
+    def capture():
+        tried.append((runner.split, runner.compiled))
+        return None if runner.split == 0 else "CompilationError: fp64"
+
+    monkeypatch.setattr(runner, "_capture", capture)
+    runner.capture()
+    assert tried == [(-4, True), (0, True)] and runner.graph_error is None and runner.compiled
