@@ -118,8 +118,9 @@ def _answer_row(ctx: Ctx, row: dict, gen: Generator, pieces: Callable[[], list],
         row.update(prefill_s=t["prefill_s"], decode_s=t["decode_s"],
                    ms_per_token=1e3 * t["decode_s"] / (c.new_tokens - 1),
                    prefill_x_roofline=t["prefill_s"] / pre_roof, decode_x_roofline=t["decode_s"] / dec_roof,
-                   attention_split=t["attention_split"], lean=t["lean"],
-                   cuda_graphs=gen.fast.uses_graphs and not gen.fast.graph_errors)
+                   attention_split=t["attention_split"], lean=t["lean"], cuda_graphs=t["cuda_graphs"])
+        if gen.fast.config.compile and not t["compiled"]:  # timed, but not what the engine label says
+            row["error"] = "torch.compile failed: timed uncompiled (graph_errors says why)"
     say(f"{label}: {row['latency_s'] * 1e3:.1f} ms "
         f"({row['x_roofline']:.2f}x roofline {row['roofline_s'] * 1e3:.1f} ms)")
     return row

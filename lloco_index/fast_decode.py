@@ -133,6 +133,7 @@ class _Runner:
         self.body = torch.compile(self._body, **COMPILE_OPTIONS) if config.compile else self._body
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_error: str | None = None
+        self.fallbacks: list[str] = []  # what was given up and why (the Triton attention, compilation)
 
     def prefill(self, x: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, sample: Sampler) -> None:
         """Prompt -> cache, first token -> ``tok``; positions and mask ready for the first replay."""
@@ -177,6 +178,7 @@ class _Runner:
 
     def _drop_compiled(self, error: Exception | str) -> None:
         self.body, self.compiled = self._body, False
+        self.fallbacks.append(f"compiled step dropped: {error}")
         logger.warning("compiled decode step failed, running it uncompiled: %s", error)
 
     def _drop_lean(self, error: Exception | str) -> None:
@@ -215,6 +217,7 @@ class _Runner:
         torch.compile (SDPA instead), then compilation, then the lean forward."""
         self.graph_error = self._capture()
         if self.graph_error and self.compiled and self.split < 0:
+            self.fallbacks.append(f"Triton attention dropped from the compiled step: {self.graph_error}")
             logger.warning("compiled step with the Triton attention failed, using SDPA: %s", self.graph_error)
             self.split = 0
             self.graph_error = self._capture()
@@ -262,8 +265,8 @@ class FastDecoder:
         self._idle: OrderedDict[tuple, list[_Runner]] = OrderedDict()
         self._pool_lock = threading.Lock()  # a runner serves one decode at a time
         self._splits: dict[tuple[int, int], int] = {}
-        self.last_timing: dict = {}  # prefill_s, decode_s, attention_split, lean of the last full decode
-        self.graph_errors: list[str] = []  # capture failures and lean-forward failures (both fall back)
+        self.last_timing: dict = {}  # phase times and what ran (attention, lean, compiled, graphs) of the last decode
+        self.graph_errors: list[str] = []  # capture, lean-forward and compile failures (all fall back)
         if self.config.lean and support(backbone.model, None) is None:
             with backbone.lock:  # before any graph of this model is captured: fusing frees the old weights
                 fuse_projections(backbone.model)
@@ -315,13 +318,15 @@ class FastDecoder:
                     clock.mark()
                     self.last_timing = {**clock.spans("prefill_s", "decode_s"),
                                         "attention_split": runners[0][2].split,  # the first adapter group's
-                                        "lean": all(r.lean is not None for _, _, r in runners)}
+                                        "lean": all(r.lean is not None for _, _, r in runners),
+                                        "compiled": all(r.compiled for _, _, r in runners),
+                                        "cuda_graphs": all(r.graph is not None for _, _, r in runners)}
                 yield from columns
                 done = target
         finally:
             for _, key, runner in runners:
                 failed_lean = runner.lean_reason if (runner.lean_reason or "").startswith("failed") else None
-                for error in (runner.graph_error, failed_lean):
+                for error in (runner.graph_error, failed_lean, *runner.fallbacks):
                     if error and error not in self.graph_errors:
                         self.graph_errors.append(error)
                 self._release(key, runner)

@@ -98,7 +98,8 @@ def test_runners_are_reused_across_calls(sharp_backbone):
     pool = list(fast.fast._idle)
     second = _ids(fast, _prompts(sharp_backbone, (10,)), cfg)
     assert first == second and list(fast.fast._idle) == pool and len(pool) == 1
-    assert set(fast.fast.last_timing) == {"prefill_s", "decode_s", "attention_split", "lean"}
+    assert set(fast.fast.last_timing) == {"prefill_s", "decode_s", "attention_split", "lean", "compiled", "cuda_graphs"}
+    assert fast.fast.last_timing["compiled"] is False and fast.fast.last_timing["cuda_graphs"] is False  # CPU
 
 
 @pytest.mark.parametrize("lean", [True, False])
@@ -269,3 +270,23 @@ def test_capture_gives_up_the_triton_attention_before_compilation(sharp_backbone
     monkeypatch.setattr(runner, "_capture", capture)
     runner.capture()
     assert tried == [(-4, True), (0, True)] and runner.graph_error is None and runner.compiled
+
+
+def test_a_compiled_step_that_fails_runs_uncompiled_and_says_so(sharp_backbone, monkeypatch):
+    """Same tokens as the eager loop, and the fallback is reported (bench rows must not call it compiled)."""
+    import lloco_index.fast_decode as fd
+
+    def no_compiler(fn, **kwargs):
+        def fail():
+            raise RuntimeError("no compiler here")
+        return fail
+
+    monkeypatch.setattr(fd.torch, "compile", no_compiler)
+    eager, fast = Generator(sharp_backbone, fast=False), Generator(sharp_backbone, fast=True)
+    fast.fast.config.compile = True
+    eager.eos_ids = fast.eos_ids = []
+    cfg = GenerationConfig(max_new_tokens=6)
+    prompts = _prompts(sharp_backbone, (9,))
+    assert _ids(fast, prompts, cfg) == _ids(eager, prompts, cfg)
+    assert fast.fast.last_timing["compiled"] is False
+    assert any(e.startswith("compiled step dropped: no compiler here") for e in fast.fast.graph_errors)
