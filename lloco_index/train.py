@@ -447,16 +447,17 @@ def train_finetune(cfg: TrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
     bb, comp = setup_models(cfg, acc.device, train_encoder=False)
     torch.manual_seed(cfg.seed + acc.process_index)
-    store = CompressedStore(Path(cfg.out_dir) / "store", fingerprint=comp.fingerprint(), create=True,
-                            compressor_config=asdict(comp.config))
-    lloco = LLoCO(bb, comp, store)
     examples = []
-    for ex in read_qa(cfg.qa_file):
-        if not ex.answers:
-            raise ValueError(f"example {ex.id!r} has no answer to train on")
-        keys = lloco.compress_texts([c.text for d in ex.documents for c in lloco.chunk(d)])
-        ids = bb.tokenizer(ex.answers[0], add_special_tokens=False)["input_ids"]
-        examples.append(Example([], ex.question, ids, vectors=store.get_many(keys)))
+    with acc.main_process_first():  # process 0 compresses into the store; the others then find every chunk there
+        store = CompressedStore(Path(cfg.out_dir) / "store", fingerprint=comp.fingerprint(), create=True,
+                                compressor_config=asdict(comp.config))
+        lloco = LLoCO(bb, comp, store)
+        for ex in read_qa(cfg.qa_file):
+            if not ex.answers:
+                raise ValueError(f"example {ex.id!r} has no answer to train on")
+            keys = lloco.compress_texts([c.text for d in ex.documents for c in lloco.chunk(d)])
+            ids = bb.tokenizer(ex.answers[0], add_special_tokens=False)["input_ids"]
+            examples.append(Example([], ex.question, ids, vectors=store.get_many(keys)))
     rng = random.Random(cfg.seed + acc.process_index)  # each process draws its own batches
     steps_per_epoch = math.ceil(len(examples) / (cfg.batch_size * acc.num_processes))
     order: list[Example] = []

@@ -454,10 +454,9 @@ def test_train_decoder_false_freezes_the_decoder_adapter(tiny_model_dir, corpus_
     assert comp.summary.requires_grad
 
 
-def test_two_processes_train_one_model(tiny_model_dir, corpus_file, tmp_path):
-    """`torchrun --nproc_per_node 2` on CPU (gloo), as `accelerate launch` runs it on GPUs: the replicas start
-    from the same weights and stay identical (gradients averaged by hand), a wall-clock stop ends every
-    process at the same step instead of leaving one in an all-reduce, and the tokens of both are counted."""
+def _two_processes(what: str, options: dict) -> str:
+    """``lloco train WHAT`` under ``torchrun --nproc_per_node 2`` on CPU (gloo), as ``accelerate launch --cpu``
+    would run it; returns stdout."""
     import socket
     import subprocess
     import sys
@@ -465,14 +464,37 @@ def test_two_processes_train_one_model(tiny_model_dir, corpus_file, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    options = {**TINY, "base_model": str(tiny_model_dir), "corpus": str(corpus_file), "max_steps": 1000,
-               "max_minutes": 0.15, "out_dir": str(tmp_path / "ddp")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), "-m", "lloco_index.cli", "train", "compressor",
+           "--master_port", str(port), "-m", "lloco_index.cli", "train", what,
            *[a for k, v in options.items() for a in (f"--{k}", str(v))]]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("saved to") == 1  # process 0 reports and saves
+    return r.stdout
+
+
+def test_two_processes_train_one_model(tiny_model_dir, corpus_file, tmp_path):
+    """The replicas start from the same weights and stay identical (gradients averaged by hand), a wall-clock
+    stop ends every process at the same step instead of leaving one in an all-reduce, and the tokens of both
+    are counted."""
+    _two_processes("compressor", {**TINY, "base_model": str(tiny_model_dir), "corpus": str(corpus_file),
+                                  "max_steps": 1000, "max_minutes": 0.15, "out_dir": str(tmp_path / "ddp")})
     state = json.loads((tmp_path / "ddp" / "training_state.json").read_text())
     assert state["processes"] == 2 and state["replicas_in_sync"] is True and 1 < state["step"] < 1000
-    assert r.stdout.count("saved to") == 1  # process 0 reports and saves
+
+
+def test_two_processes_finetune_share_one_store(pretrained, tmp_path):
+    """Process 0 compresses the documents into the store first; the other finds them all there, and the
+    epoch counts the examples of both processes (6 examples, batch 1 per process: 3 steps)."""
+    from lloco_index.store import CompressedStore
+
+    base, pre = pretrained
+    qa = _write_qa(tmp_path / "qa.jsonl", [["the museum"], ["1897"], ["Miriam"], ["noon"], ["Oslo"], ["blue"]])
+    out = tmp_path / "ft"
+    _two_processes("finetune", {**TINY, "base_model": base.base_model, "corpus": base.corpus, "qa_file": str(qa),
+                                "init_from": str(pre), "epochs": 1, "batch_size": 1, "max_steps": 100,
+                                "out_dir": str(out)})
+    state = json.loads((out / "training_state.json").read_text())
+    assert state["processes"] == 2 and state["replicas_in_sync"] is True and state["step"] == 3
+    assert CompressedStore(out / "store").stats()["chunks"] > 6
