@@ -2,8 +2,8 @@
 
 ``decode_attention``: one query token against a whole static cache (SDPA, split-K matmuls that
 spread a long cache over many thread blocks, or the Triton flash-decoding kernels of ``triton_decode``);
-``autotune_split`` picks among them by timing on the device. ``patched``: routes attention through it and runs RMSNorm as one ``F.rms_norm`` call.
-``Clock``: phase timings without a host sync until they are read.
+``autotune_split`` picks among them by timing on the device. ``patched``: routes attention through it
+and runs RMSNorm as one ``F.rms_norm`` call. ``Clock``: phase timings without a host sync until read.
 """
 
 from __future__ import annotations

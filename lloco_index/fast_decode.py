@@ -39,8 +39,8 @@ class FastDecodeConfig:
     sync_every: int = 8  # host syncs (stop checks) every this many tokens
     cache_bucket: int = 256  # cache lengths are rounded up to this, so graphs are reused across prompts
     max_runners: int = 4  # idle (cache + graph) sets kept for reuse
-    split: int | None = None  # decode attention: 0 = SDPA, n = n-way split-K matmuls, -n = Triton kernels; None = autotune
-    autotune_min_len: int = 1024  # CUDA caches at least this long try the other attention paths (SDPA took 13 us/layer at 1280)
+    split: int | None = None  # decode attention: 0 SDPA, n n-way split-K matmuls, -n Triton kernels; None: autotune
+    autotune_min_len: int = 1024  # CUDA caches at least this long try the other attention paths
     fused_norm: bool = True  # RMSNorm as one F.rms_norm call (one fused kernel on CUDA instead of ~8)
     lean: bool = True  # LLaMA layers through lean_llama (fewer kernels); other models through transformers
     compile: bool = False  # the step through torch.compile (max-autotune) before capture; a compile per cache size

@@ -1,13 +1,14 @@
-"""Where a batch-1 decode step of the fast engine goes: GEMVs alone, the step's kernels, a compiled step.
+"""Where a batch-1 decode step of the fast engine goes: GEMVs alone, the step's kernels, the prefill, a compiled step.
 
     python3 scripts/profile_decode.py --shape 7b --context 1164 --out $OUT/profile_decode.json [--try-compile]
 
-``gemv``: each distinct projection weight shape the engine reads (q/k/v and gate/up fused) at batch 1, cycling over >= 512 MiB of the model's own weights
-(past L2), replayed from a CUDA graph: us, GB/s of weight bytes read, fraction of the measured copy bandwidth;
+``gemv``: each distinct projection weight shape the engine reads (q/k/v and gate/up fused) at batch 1, cycling
+over >= 512 MiB of the model's own weights (past L2), replayed from a CUDA graph: us, GB/s of weight bytes read, fraction of the measured copy bandwidth;
 on CUDA also through torch.compile (max-autotune) and as FP8 weights (``torch._scaled_mm``, 16 input rows).
 ``step``: ``--context`` random vector positions prefilled (1164 = LLoCO at 32k source tokens), then the engine's
 decode as ``lloco bench`` times it and bare graph replays; a few eager steps under torch.profiler give device
 time per kernel category, against the replayed step (the gap is idle time between the graph's kernels).
+``prefill``: the same prompt's prefill under torch.profiler: kernels by category, GEMM TFLOP/s.
 ``compiled_step`` (``--try-compile``): the step body through torch.compile captured in a CUDA graph: ms/token,
 greedy tokens against the uncompiled graph. Sections are guarded; the JSON is rewritten after each. On CPU
 (``--shape tiny --device cpu``) it runs in seconds: aten op self time instead of kernels, CUDA-only parts skipped.

@@ -21,7 +21,8 @@ from lloco_index.decode_ops import decode_attention, flash_decode_kernel
 from lloco_index.triton_decode import flash_decode
 
 torch.manual_seed(0)
-cases = [(1, 8, 8, 128, 320, 300, 8), (2, 6, 2, 64, 300, 260, 4), (1, 9, 3, 64, 1280, 1196, 16), (1, 4, 4, 32, 50, 7, 2)]
+cases = [(1, 8, 8, 128, 320, 300, 8), (2, 6, 2, 64, 300, 260, 4), (1, 9, 3, 64, 1280, 1196, 16),
+         (1, 4, 4, 32, 50, 7, 2)]
 for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
     for b, h, hk, d, length, filled, splits in cases:
         q = torch.randn(b, h, 1, d, dtype=dtype)
