@@ -142,6 +142,18 @@ def test_split_attention_matches_sdpa():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_triton_split_on_cpu_tensors_takes_sdpa():
+    """``split=-n`` asks for the Triton kernels; CPU tensors (no interpreter) get SDPA instead of an error."""
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(1, 4, 1, 16, generator=g), torch.randn(1, 2, 32, 16, generator=g), torch.randn(1, 2, 32, 16)
+    mask = torch.zeros(1, 1, 1, 32)
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False)
+    torch.testing.assert_close(decode_attention(module, q, k, v, mask, split=-4)[0],
+                               decode_attention(module, q, k, v, mask, split=0)[0])
+
+
 def test_autotune_picks_a_working_attention(sharp_backbone):
     assert autotune_split(sharp_backbone, 2, 64, candidates=(0, 4, 8, 5)) in (0, 4, 8)  # 5 does not divide 64
 
