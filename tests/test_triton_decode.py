@@ -8,6 +8,7 @@ because ``TRITON_INTERPRET`` must be set before the kernels are defined."""
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -49,4 +50,45 @@ print("ok")
 def test_flash_decode_matches_sdpa_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     r = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+DECODER = r"""
+import sys
+from pathlib import Path
+import torch
+sys.path.insert(0, sys.argv[1])
+from conftest import build_tiny_llama
+from test_fast_decode import _ids, _prompts, _sharpened
+import lloco_index.decode_ops as ops
+from lloco_index.generation import GenerationConfig, Generator
+
+kernel, calls = ops.flash_decode_kernel(), []
+ops.flash_decode_kernel = lambda: lambda *a: calls.append(1) or kernel(*a)  # count the kernels' runs
+bb = _sharpened(build_tiny_llama(Path(sys.argv[2])), 0)
+bb.model.eval()
+cfg = GenerationConfig(max_new_tokens=12)
+prompts = _prompts(bb)
+eager = Generator(bb, fast=False)
+eager.eos_ids = []
+want = _ids(eager, prompts, cfg)
+assert len({tuple(r) for r in want}) == 3
+for lean in (True, False):
+    fast = Generator(bb, fast=True)
+    fast.eos_ids = []
+    fast.fast.config.split, fast.fast.config.lean = -2, lean
+    calls.clear()
+    assert _ids(fast, prompts, cfg) == want, lean
+    assert fast.fast.last_timing["attention_split"] == -2 and len(calls) >= 11 * 2, len(calls)  # steps x layers
+print("ok")
+"""
+
+
+def test_the_fast_decoder_through_the_kernels_matches_eager(tmp_path):
+    """The engine's own layouts (q sliced from the fused q|k|v output, the static K/V slabs, left padding),
+    through the lean forward and through the transformers modules: the eager loop's greedy tokens."""
+    tests = Path(__file__).parent
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", DECODER, str(tests), str(tmp_path / "tiny")], env=env,
+                       capture_output=True, text=True, timeout=600, cwd=tests.parent)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
