@@ -125,8 +125,9 @@ def autotune_split(bb: Backbone, batch: int, length: int,
         for s in (c for c in candidates if (triton if c < 0 else length % max(c, 1) == 0)):
             try:
                 out = decode_attention(module, q, k, v, mask, split=s)[0].float()
-                if not torch.allclose(out, ref, atol=5e-2, rtol=5e-2):  # fast but wrong is never chosen
-                    raise RuntimeError(f"differs from SDPA by {(out - ref).abs().max().item():.3g}")
+                err = ((out - ref).norm() / ref.norm()).item()  # relative: outputs over a long cache are small
+                if not err < 5e-2:  # fast but wrong is never chosen
+                    raise RuntimeError(f"differs from SDPA by {err:.3g} (relative)")
                 t = _seconds(lambda: decode_attention(module, q, k, v, mask, split=s), dev)
             except Exception as e:  # e.g. a kernel that does not build on this device: not a candidate
                 if isinstance(e, torch.cuda.OutOfMemoryError):

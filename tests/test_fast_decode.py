@@ -158,6 +158,23 @@ def test_autotune_picks_a_working_attention(sharp_backbone):
     assert autotune_split(sharp_backbone, 2, 64, candidates=(0, 4, 8, 5)) in (0, 4, 8)  # 5 does not divide 64
 
 
+def test_autotune_never_picks_a_fast_wrong_attention(sharp_backbone, monkeypatch):
+    """A candidate whose output is 20% off (and instant: a stored answer) is rejected, however fast: over a
+    long cache the true outputs are small, so the check is relative; an absolute 5e-2 would let it through."""
+    import lloco_index.decode_ops as ops
+
+    real, stored = ops.decode_attention, []
+
+    def broken_8(module, q, k, v, mask, split=0, **kw):
+        if split == 8:
+            stored or stored.append(0.8 * real(module, q, k, v, mask, split=0, **kw)[0])
+            return stored[0], None
+        return real(module, q, k, v, mask, split=split, **kw)
+
+    monkeypatch.setattr(ops, "decode_attention", broken_8)
+    assert autotune_split(sharp_backbone, 1, 512, candidates=(8, 0)) == 0
+
+
 def _step_ops(bb, adapter, lean) -> int:
     """Operations one decode step dispatches (views excluded): a CPU-side proxy for CUDA kernels."""
     from torch.utils._python_dispatch import TorchDispatchMode
