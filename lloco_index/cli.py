@@ -28,6 +28,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="LLoCO prompt format of the matching xiuyul/Lloco-7b-* adapter (default: chat layout)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="model dtype (default: bfloat16 on GPU, float32 on CPU; bfloat16 on a CPU with native bf16 "
+                        "compresses about twice as fast)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
 
 
@@ -173,7 +176,7 @@ def _load(args, store: str | None):
     from .pipeline import LLoCO
 
     return LLoCO.from_pretrained(args.model, compressor=args.compressor, adapter=args.adapter,
-                                 store=store, device=args.device, prompt_preset=args.preset)
+                                 store=store, device=args.device, prompt_preset=args.preset, dtype=args.dtype)
 
 
 def _config(args):

@@ -84,7 +84,8 @@ class LLoCO:
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, *, compressor: str | Path | None = None,
                         adapter: str | Path | None = None, store: str | Path | None = None,
-                        device: str | None = None, prompt_preset: str | None = None) -> "LLoCO":
+                        device: str | None = None, prompt_preset: str | None = None,
+                        dtype: str | torch.dtype | None = None) -> "LLoCO":
         """Load the base model, the compressor and a decoder adapter; open or create ``store``.
 
         Args:
@@ -96,8 +97,9 @@ class LLoCO:
             device: ``cuda``/``cpu``; default: CUDA when available.
             prompt_preset: a prompt format of ``lloco_index.presets`` (e.g. ``"quality"`` for the
                 LLoCO QuALITY adapter); default: the chat-template layout of ``prompts.qa_pieces``.
+            dtype: ``"bfloat16"``, ``"float32"``, ... or a torch dtype; default: bf16 on GPU, fp32 on CPU.
         """
-        backbone = Backbone.from_pretrained(model, device=device)
+        backbone = Backbone.from_pretrained(model, device=device, dtype=dtype)
         model_dir = Path(backbone.model.config.name_or_path)  # the resolved local folder
         comp_dir = Path(compressor) if compressor else bundled(model, "compressor")
         if compressor is None and is_autocompressor(model_dir):

@@ -1,6 +1,6 @@
 """CPU figures for the core (issue 2): cached model load, compression throughput, warm `ask` latency.
 
-    python3 scripts/bench_cpu.py [--reps 5] [--out bench_cpu.json]
+    python3 scripts/bench_cpu.py [--reps 5] [--dtypes float32,bfloat16] [--out bench_cpu.json]
 
 Runs the public API on the embedded default model with its bundled compressor/adapter, over the
 Paul Graham essays (shared/data/haystack) or any folder given with --corpus. Prints one JSON object.
@@ -20,20 +20,13 @@ from pathlib import Path
 import torch
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--corpus", default=str(Path(__file__).resolve().parents[2] / "shared/data/haystack/paul_graham"))
-    ap.add_argument("--files", type=int, default=4, help="essays to ingest")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-
+def measure(args: argparse.Namespace, dtype: str) -> dict:
+    """Cached model load, compression of the essays' chunks, warm ``ask`` latency, with the model in ``dtype``."""
     from lloco_index import GenerationConfig, LLoCO
-    from lloco_index.models import load_base_model
 
-    load_base_model("smollm2-135m", device="cpu")  # make sure the converted copy exists (first run converts)
     t0 = time.perf_counter()
-    lloco = LLoCO.from_pretrained("smollm2-135m", store=tempfile.mkdtemp(prefix="lloco-bench-"), device="cpu")
+    lloco = LLoCO.from_pretrained("smollm2-135m", store=tempfile.mkdtemp(prefix="lloco-bench-"), device="cpu",
+                                  dtype=dtype)
     load_s = time.perf_counter() - t0
 
     files = sorted(p for p in Path(args.corpus).glob("*.txt") if p.name[0].islower())[:args.files]
@@ -54,8 +47,7 @@ def main() -> None:
         lat.append(time.perf_counter() - t0)
         positions.append(a.prompt_tokens)
         new.append(a.new_tokens)
-    report = {
-        "device": "cpu", "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
+    return {
         "load_cached_model_s": round(load_s, 2),
         "compress": {"chunks": len(texts), "source_tokens": n_tok, "seconds": round(compress_s, 2),
                      "source_tokens_per_s": round(n_tok / compress_s)},
@@ -64,6 +56,25 @@ def main() -> None:
                                    "mean_prompt_positions": statistics.mean(positions),
                                    "mean_new_tokens": statistics.mean(new)},
     }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--corpus", default=str(Path(__file__).resolve().parents[2] / "shared/data/haystack/paul_graham"))
+    ap.add_argument("--files", type=int, default=4, help="essays to ingest")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="model dtypes to measure, one after the other")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    from lloco_index.models import load_base_model
+
+    load_base_model("smollm2-135m", device="cpu")  # make sure the converted copy exists (first run converts)
+    report = {"device": "cpu", "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
+              "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+              "avx512_bf16": torch.cpu._is_avx512_bf16_supported(), "amx": torch.cpu._is_amx_tile_supported(),
+              "load_average": os.getloadavg(),
+              **{dtype: measure(args, dtype) for dtype in args.dtypes.split(",")}}
     print(json.dumps(report))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))

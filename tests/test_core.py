@@ -188,3 +188,13 @@ def test_vector_norm_rescales_every_vector(tiny_lloco, tmp_path):
     for bad in (0, -1.0, "3", True):
         with pytest.raises(ValueError, match="vector_norm"):
             CompressorConfig(**{**vars(comp.config), "vector_norm": bad})
+
+
+def test_dtype_names_resolve_and_bad_ones_are_refused():
+    from lloco_index.models import resolve_dtype
+
+    assert resolve_dtype("bf16") is resolve_dtype("bfloat16") is torch.bfloat16
+    assert resolve_dtype("float32") is torch.float32 and resolve_dtype(None) is None
+    assert resolve_dtype(torch.float16) is torch.float16
+    with pytest.raises(ValueError, match="use one of"):
+        resolve_dtype("int8")

@@ -249,10 +249,11 @@ def test_cli_make_dev_eval_and_table(tiny_model_dir, prose_dir, tmp_path, capsys
                  "--doc-words", "60", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["examples"] == 3 and len(read_qa(dev)) == 3
     assert main(["eval", "qa", str(dev), "--model", str(tiny_model_dir), "--mode", "none", "--max-new-tokens", "3",
-                 "--out", str(rep), "--json"]) == 0
+                 "--dtype", "bfloat16", "--out", str(rep), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert summary["metrics"]["examples"] == 3 and "predictions" not in summary
-    assert json.loads(rep.read_text())["command"].startswith("lloco eval qa ")
+    report = json.loads(rep.read_text())
+    assert report["command"].startswith("lloco eval qa ") and report["dtype"] == "bfloat16"
     assert main(["eval", "table", str(rep), "--out", str(tmp_path / "t.md")]) == 0
     assert "| none | none | - | base | 3 |" in (tmp_path / "t.md").read_text()
     assert main(["eval", "qa", str(dev), "--model", str(tiny_model_dir), "--mode", "full", "--top-k", "2"]) == 2

@@ -6,6 +6,9 @@ reading its vectors (as 0.1.0 and 0.2.0 did) fails here. docs/quality.md has the
 
 from __future__ import annotations
 
+import pytest
+import torch
+
 FILLER = ("The committee met on a grey morning to review the harbour accounts. Several members asked about the "
           "repairs to the eastern pier, and the treasurer read out the figures for the year. ")
 FACTS = [  # (sentence hidden in the filler, question, answer); made up here, not in any training template's data
@@ -18,12 +21,24 @@ FACTS = [  # (sentence hidden in the filler, question, answer); made up here, no
 ]
 
 
-def test_bundled_defaults_answer_from_vectors_alone(default_lloco):
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def lloco(request, default_lloco):
+    """The defaults in fp32 (the CPU default) and in bf16 (``dtype="bfloat16"``, as on a GPU)."""
+    if request.param == "float32":
+        return default_lloco
+    from lloco_index.pipeline import LLoCO
+
+    bf16 = LLoCO.from_pretrained("smollm2-135m", device="cpu", dtype="bfloat16")
+    assert bf16.backbone.dtype == torch.bfloat16
+    return bf16
+
+
+def test_bundled_defaults_answer_from_vectors_alone(lloco):
     right = 0
     for sentence, question, answer in FACTS:
-        with_fact = default_lloco.answer(question, [FILLER * 2 + sentence + " " + FILLER])  # expand=0: vectors only
-        without = default_lloco.answer(question, [FILLER * 3])
+        with_fact = lloco.answer(question, [FILLER * 2 + sentence + " " + FILLER])  # expand=0: vectors only
+        without = lloco.answer(question, [FILLER * 3])
         assert with_fact.context_vectors > 0 and sentence not in str(with_fact.to_dict())
         assert answer.lower() not in without.answer.lower()  # the answer is not guessed from the question
         right += answer.lower() in with_fact.answer.lower()
-    assert right >= 2, f"{right}/4 facts read from the vectors (3/4 when 0.3.0 shipped)"
+    assert right >= 2, f"{right}/4 facts read from the vectors (3/4 in fp32 and in bf16 when 0.3.0 shipped)"

@@ -128,6 +128,7 @@ def run_niah(lloco: LLoCO, corpus: str, lengths: Sequence[int] = DEFAULT_LENGTHS
                       "chunks": o.prompt.chunks, "latency_s": round(o.latency_s, 4)} for (n, d), o in pairs])
     records = run.records()
     return run.finish({**settings, **(meta or {}), "device": str(lloco.backbone.device),
+                       "dtype": str(lloco.backbone.dtype).removeprefix("torch."),
                        "elapsed_s": round(time.perf_counter() - t0, 3),
                        "summary": {m: _summary([r for r in records if r["mode"] == m]) for m in modes},
                        "cells": records})

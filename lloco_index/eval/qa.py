@@ -71,6 +71,7 @@ def evaluate_qa(lloco: LLoCO, examples: Iterable[QAExample], mode: Mode = "lloco
         run.add([_record(ex, o) for ex, o in pairs])
     records = run.records()
     return run.finish({**settings, **(meta or {}), "device": str(lloco.backbone.device),
+                       "dtype": str(lloco.backbone.dtype).removeprefix("torch."),
                        "elapsed_s": round(time.perf_counter() - t0, 3), "metrics": summarize(records),
                        "predictions": records})
 
