@@ -30,7 +30,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model dtype (default: bfloat16 on GPU, float32 on CPU; bfloat16 on a CPU with native bf16 "
-                        "compresses about twice as fast)")
+                        "compressed 1.5x faster, docs/benchmarks.md)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
 
 

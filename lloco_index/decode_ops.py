@@ -39,9 +39,10 @@ def decode_attention(module, query, key, value, attention_mask, dropout: float =
     hk, length = key.shape[1], key.shape[2]
     scale = d ** -0.5 if scaling is None else scaling
     float_mask = attention_mask is not None and attention_mask.dtype != torch.bool
+    kernel = flash_decode_kernel() if split < 0 else None
     triton_here = query.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"  # CPU tensors: the interpreter only
-    if split < 0 and q == 1 and float_mask and d & (d - 1) == 0 and triton_here and flash_decode_kernel() is not None:
-        return flash_decode_kernel()(query, key, value, attention_mask, scale, -split), None
+    if kernel is not None and q == 1 and float_mask and d & (d - 1) == 0 and triton_here:
+        return kernel(query, key, value, attention_mask, scale, -split), None
     if split <= 0 or q != 1 or length % split or attention_mask is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)

@@ -59,7 +59,7 @@ def default_device() -> torch.device:
 
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on GPU, fp32 on CPU: bf16 matmuls are slow on CPUs without native bf16 (AVX512-BF16, AMX);
-    on those that have it, ``dtype="bfloat16"`` compresses about twice as fast (docs/benchmarks.md)."""
+    on one that has it, ``dtype="bfloat16"`` compressed 1.5x faster (docs/benchmarks.md)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 

@@ -484,19 +484,24 @@ def _peak_memory() -> str:
     return f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if torch.cuda.is_available() else ""
 
 
+def _across(acc, value: float, op: str) -> float:
+    """One number reduced over all processes (``"sum"`` or ``"mean"``); every process must call it."""
+    return acc.reduce(torch.tensor([value], dtype=torch.float64, device=acc.device), op).item()
+
+
 def _elapsed(acc, t0: float) -> float:
     """Seconds since ``t0``, the same number in every process (their mean): the wall-clock stop and the
     learning rate depend on it, and processes that disagreed would drift apart or, stopping a step apart,
     leave the others waiting in a gradient all-reduce forever."""
     if acc.num_processes == 1:
         return time.time() - t0
-    return acc.reduce(torch.tensor([time.time() - t0], dtype=torch.float64, device=acc.device), "mean").item()
+    return _across(acc, time.time() - t0, "mean")
 
 
 def _in_sync(acc, params: list[torch.Tensor]) -> bool:
     """Whether every process holds the same trainable weights (collective: all processes call it)."""
     same = all(torch.equal(p.detach(), acc.reduce(p.detach().clone(), "mean")) for p in params)
-    return bool(acc.reduce(torch.tensor([float(same)], device=acc.device), "sum").item() == acc.num_processes)
+    return _across(acc, float(same), "sum") == acc.num_processes
 
 
 def _loop(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int) -> Path:
@@ -551,7 +556,7 @@ def _loop(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int) -> Pat
     el = time.time() - t0
     sync = {}
     if acc.num_processes > 1:  # throughput of all processes together; replicas that drifted apart are reported
-        tokens = int(acc.reduce(torch.tensor([float(tokens)], device=acc.device), "sum").item())
+        tokens = int(_across(acc, tokens, "sum"))
         sync = {"processes": acc.num_processes, "replicas_in_sync": _in_sync(acc, params)}
     if acc.is_main_process:
         final = evaluate(bb, comp, held, batcher, cfg.eval_examples) if held is not None else {}
