@@ -4,7 +4,8 @@
 
 ``gemv``: each distinct projection weight shape the engine reads (q/k/v and gate/up fused) at batch 1, cycling
 over >= 512 MiB of the model's own weights (past L2), replayed from a CUDA graph: us, GB/s of weight bytes read,
-fraction of the measured copy bandwidth; on CUDA also through torch.compile (max-autotune) and as FP8 weights (``torch._scaled_mm``, 16 input rows).
+fraction of the measured copy bandwidth; on CUDA also through torch.compile (max-autotune) and as FP8 weights
+(``torch._scaled_mm``, 16 input rows).
 ``step``: ``--context`` random vector positions prefilled (1164 = LLoCO at 32k source tokens), then the engine's
 decode as ``lloco bench`` times it and bare graph replays; a few eager steps under torch.profiler give device
 time per kernel category, against the replayed step (the gap is idle time between the graph's kernels).
