@@ -69,16 +69,16 @@ def _flash_decode_merge(Acc, Stats, Out, G: tl.constexpr, BLOCK_G: tl.constexpr,
 
 
 def flash_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-                 scale: float, splits: int) -> torch.Tensor:
+                 scale: float, splits: int, block_n: int = BLOCK_N, num_warps: int = 4) -> torch.Tensor:
     """``query`` [b, h, 1, d], ``key``/``value`` [b, h_kv, L, d] (any strides), ``mask`` additive [b, 1, 1, L];
-    about ``splits`` programs per KV head along the cache. Returns [b, 1, h, d], the layout attention modules
-    hand to ``o_proj``."""
+    about ``splits`` programs per KV head along the cache, each reading ``block_n`` slots per inner step.
+    Returns [b, 1, h, d], the layout attention modules hand to ``o_proj``."""
     b, h, _, d = query.shape
     hk, length = key.shape[1], key.shape[2]
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     g = h // hk
     block_g = max(16, triton.next_power_of_2(g))  # tl.dot needs 16 rows; padding rows are masked out
-    per_split = triton.cdiv(triton.cdiv(length, max(1, splits)), BLOCK_N) * BLOCK_N  # whole blocks per program
+    per_split = triton.cdiv(triton.cdiv(length, max(1, splits)), block_n) * block_n  # whole blocks per program
     splits = triton.cdiv(length, per_split)  # only programs that have slots
     mask = mask.reshape(b, length)
     acc = torch.empty(b * hk * splits * block_g, d, device=query.device, dtype=torch.float32)
@@ -87,8 +87,8 @@ def flash_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ma
     _flash_decode_split[(b * hk, splits)](query, key, value, mask, acc, stats, length, per_split, scale,
                                           query.stride(0), query.stride(1), key.stride(0), key.stride(1),
                                           key.stride(2), value.stride(0), value.stride(1), value.stride(2),
-                                          mask.stride(0), KV_HEADS=hk, G=g, BLOCK_G=block_g, D=d, BLOCK_N=BLOCK_N,
-                                          SPLITS=splits)
+                                          mask.stride(0), KV_HEADS=hk, G=g, BLOCK_G=block_g, D=d, BLOCK_N=block_n,
+                                          SPLITS=splits, num_warps=num_warps)
     _flash_decode_merge[(b * hk, g)](acc, stats, out, G=g, BLOCK_G=block_g, D=d, SPLITS=splits,
                                      BLOCK_S=triton.next_power_of_2(splits))
     return out

@@ -10,8 +10,10 @@ fraction of the measured copy bandwidth; on CUDA also through torch.compile (max
 decode as ``lloco bench`` times it and bare graph replays; a few eager steps under torch.profiler give device
 time per kernel category, against the replayed step (the gap is idle time between the graph's kernels).
 ``prefill``: the same prompt's prefill under torch.profiler: kernels by category, GEMM TFLOP/s.
+``attention`` (CUDA): one layer's decode attention over the step's cache, graph-timed: SDPA against the Triton
+kernels for a grid of splits x block sizes x warps, in GB/s of the K/V bytes read.
 ``compiled_step`` (``--try-compile``): the step body through torch.compile captured in a CUDA graph: ms/token,
-greedy tokens against the uncompiled graph. Sections are guarded; the JSON is rewritten after each. On CPU
+kernels by category inside the graph, greedy tokens against the uncompiled graph. Sections are guarded; the JSON is rewritten after each. On CPU
 (``--shape tiny --device cpu``) it runs in seconds: aten op self time instead of kernels, CUDA-only parts skipped.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse, json, re, signal, sys, time, traceback  # noqa: E401
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -30,7 +33,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from lloco_index.bench_utils import (SHAPES, Cost, Ctx, attempt, build_backbone, markdown_table, measure_bandwidth,
                                      median, say, sync, timed)
-from lloco_index.decode_ops import Clock
+from lloco_index.decode_ops import Clock, flash_decode_kernel, text_config
 from lloco_index.fast_decode import COMPILE_OPTIONS, FastDecoder, _Runner
 from lloco_index.lean_llama import LeanLlama, support
 
@@ -227,6 +230,39 @@ def section_prefill(ctx: Ctx, out: dict, args: argparse.Namespace, shared: dict)
         f"GEMMs {out['gemm_ms']:.2f} ms = {out['gemm_tflops'] or 0:.0f} TFLOP/s on the Linear layers")
 
 
+def section_attention(ctx: Ctx, out: dict, args: argparse.Namespace, shared: dict) -> None:
+    """Which Triton launch shape reads the cache fastest (the autotuner only varies the splits)."""
+    kernel = flash_decode_kernel()
+    if ctx.device.type != "cuda" or kernel is None:
+        out["skipped"] = "needs CUDA and Triton"
+        return
+    cfg, length, dev, dt = text_config(ctx.bb.model), shared["runner"].length, ctx.device, ctx.bb.dtype
+    heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    with torch.inference_mode():
+        q = torch.randn(1, heads, 1, d, device=dev, dtype=dt)
+        k, v = torch.randn(2, 1, kv_heads, length, d, device=dev, dtype=dt).unbind(0)
+        mask = torch.zeros(1, 1, 1, length, device=dev, dtype=dt)
+        sdpa = partial(F.scaled_dot_product_attention, q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
+        ref, kv_bytes = sdpa().transpose(1, 2), 2 * k.nbytes
+        rows = [{"variant": "sdpa", "us": 1e6 * device_seconds(sdpa, dev, args.reps)}]
+        for splits in (8, 16, 32, 64):
+            for block_n in (16, 32, 64, 128):
+                for warps in (2, 4, 8):
+                    row = {"variant": "triton", "splits": splits, "block_n": block_n, "num_warps": warps}
+                    run = partial(kernel, q, k, v, mask, d ** -0.5, splits, block_n, warps)
+                    attempt(row, f"splits={splits} block_n={block_n} warps={warps}", lambda: row.update(
+                        rel_err=((run().float() - ref.float()).norm() / ref.float().norm()).item(),
+                        us=1e6 * device_seconds(run, dev, args.reps)))
+                    rows.append(row)
+    for row in rows:
+        row["gbs"] = kv_bytes / row["us"] / 1e3 if row.get("us") else None
+    out.update(cache_slots=length, kv_bytes_per_layer=kv_bytes, rows=rows,
+               best=min((r for r in rows if r.get("us")), key=lambda r: r["us"]))
+    say(markdown_table(sorted((r for r in rows if r.get("us")), key=lambda r: r["us"])[:12],
+                       ["variant", "splits", "block_n", "num_warps", "us", "gbs", "rel_err"]))
+
+
 def section_compiled_step(ctx: Ctx, out: dict, args: argparse.Namespace, shared: dict) -> None:
     if not args.try_compile or ctx.device.type != "cuda":
         out["skipped"] = "needs CUDA" if args.try_compile else "opt-in: --try-compile"
@@ -244,6 +280,11 @@ def section_compiled_step(ctx: Ctx, out: dict, args: argparse.Namespace, shared:
         if runner.graph is None or not runner.compiled:
             raise RuntimeError(f"compile/capture: {runner.graph_error or 'fell back to the uncompiled step'}")
         step_s, tokens = replay(runner, state, n - 1, args.reps)
+        out["graph_profile"] = kernel_profile(lambda: [runner.graph.replay() for _ in range(3)], 3, ctx.device)
+        restore(runner, state)
+    say(markdown_table([{"category": c, **v} for c, v in out["graph_profile"]["categories"].items()],
+                       ["category", "us_per_step", "launches_per_step", "share"]))
+    say(markdown_table(out["graph_profile"]["top"], ["name", "category", "us_per_step", "calls_per_step"]))
     same = next((i for i, (a, b) in enumerate(zip(tokens, shared["tokens"])) if a != b), len(tokens))
     out.update(step_ms=1e3 * step_s, speedup=shared["step_s"] / step_s, tokens_equal=tokens == shared["tokens"],
                common_prefix_tokens=same, weights_of_copy_bw=shared["weights"] / step_s / ctx.bandwidth)
@@ -274,7 +315,7 @@ def main(argv: list[str]) -> dict:
     say(f"{report['meta']['device']}: {bw / 1e9:.0f} GB/s copy (measured); {bb.name_or_path} {bb.dtype}")
     shared: dict = {}
     for section, fn in (("gemv", section_gemv), ("step", section_step), ("prefill", section_prefill),
-                        ("compiled_step", section_compiled_step)):
+                        ("attention", section_attention), ("compiled_step", section_compiled_step)):
         say(f"[{section}]")
         try:
             fn(ctx, report.setdefault(section, {}), args, shared)  # partial results survive an error
