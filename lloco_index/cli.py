@@ -37,6 +37,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _gen(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expand", type=int, default=0,
                    help="give the K chunks most relevant to the question as text instead of vectors")
+    p.add_argument("--expand-at", default="end", choices=["end", "in-place"],
+                   help="where --expand's text chunks go: after all vector chunks (default) or in document order")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
 
@@ -175,8 +177,10 @@ def _eval_run(p: argparse.ArgumentParser, batch_size: int, out: str | None = Non
 def _load(args, store: str | None):
     from .pipeline import LLoCO
 
-    return LLoCO.from_pretrained(args.model, compressor=args.compressor, adapter=args.adapter,
-                                 store=store, device=args.device, prompt_preset=args.preset, dtype=args.dtype)
+    lloco = LLoCO.from_pretrained(args.model, compressor=args.compressor, adapter=args.adapter,
+                                  store=store, device=args.device, prompt_preset=args.preset, dtype=args.dtype)
+    lloco.expand_at = getattr(args, "expand_at", "end").replace("-", "_")
+    return lloco
 
 
 def _config(args):

@@ -24,7 +24,7 @@ from .compressor import ContextCompressor
 from .generation import GenerationConfig, Generator, Piece
 from .models import DEFAULT_MODEL
 from .presets import get_preset
-from .prompts import SYSTEM_PROMPT, qa_pieces
+from .prompts import SYSTEM_PROMPT, ExpandAt, arrange_expanded, qa_pieces
 from .retrieval import BM25
 from .store import CompressedStore, KeyRef, StoreError, chunk_key, escape_sentinels
 
@@ -68,9 +68,12 @@ class LLoCO:
     """Compressor + store + LoRA decoder over one shared base model."""
 
     def __init__(self, backbone: Backbone, compressor: ContextCompressor, store: CompressedStore | None = None,
-                 adapter: str | None = None, system_prompt: str = SYSTEM_PROMPT, prompt_preset: str | None = None):
+                 adapter: str | None = None, system_prompt: str = SYSTEM_PROMPT, prompt_preset: str | None = None,
+                 expand_at: ExpandAt = "end"):
         if prompt_preset is not None:
             get_preset(prompt_preset)  # fail now, not at the first question
+        arrange_expanded([], (), expand_at)  # fail now on a bad value
+        self.expand_at = expand_at  # where ``expand``ed (text) chunks go: "end" (before the question) or "in_place"
         self.prompt_preset = prompt_preset
         self.backbone = backbone
         self.compressor = compressor
@@ -220,7 +223,7 @@ class LLoCO:
         """Answer from the ``top_k`` retrieved compressed chunks (kept in document order).
 
         ``expand``: the best-scoring ``expand`` chunks go in as text instead of vectors
-        (selective re-expansion, as REFRAG does for facts that compression blurs).
+        (selective re-expansion, as REFRAG does for facts that compression blurs), where ``self.expand_at`` says.
         """
         ranked = [k for k, _ in self.retrieve(question, top_k)]
         return self._answer_keys(question, self._in_doc_order(ranked), config, adapter, set(ranked[:expand]))
@@ -228,7 +231,8 @@ class LLoCO:
     def stream_ask(self, question: str, top_k: int = 5, config: GenerationConfig | None = None,
                    adapter: str | None = None, expand: int = 0) -> Iterator[str]:
         ranked = [k for k, _ in self.retrieve(question, top_k)]
-        pieces = self._pieces(question, self._in_doc_order(ranked), set(ranked[:expand]))
+        as_text = set(ranked[:expand])
+        pieces = self._pieces(question, arrange_expanded(self._in_doc_order(ranked), as_text, self.expand_at), as_text)
         return self.generator.stream(pieces, config, self._adapter(adapter))
 
     def answer(self, question: str, contexts: Sequence[str], config: GenerationConfig | None = None,
@@ -314,7 +318,7 @@ class LLoCO:
         return adapter if adapter is not None else self.adapter
 
     def _pieces(self, question: str, keys: Sequence[str], as_text: set[str] = frozenset()) -> list[Piece]:
-        """Prompt with each chunk as vectors, or as its text when its key is in ``as_text``."""
+        """Prompt with each chunk as vectors, or as its text when its key is in ``as_text`` (``keys`` in prompt order)."""
         texts = self._texts(as_text) if as_text else {}
         vecs = dict(zip(keys, self.vectors(keys)))
         return self._pieces_for(question, [texts[k] if k in as_text else vecs[k] for k in keys])
@@ -326,6 +330,7 @@ class LLoCO:
 
     def _answer_keys(self, question: str, keys: Sequence[str], config, adapter,
                      as_text: set[str] = frozenset()) -> Answer:
+        keys = arrange_expanded(keys, as_text, self.expand_at)
         return self._finish_batch([self._pieces(question, keys, as_text)], [keys], config, adapter)[0]
 
     def _finish_batch(self, pieces: list[list[Piece]], keys: list[Sequence[str]], config, adapter,

@@ -8,6 +8,7 @@ import pytest
 from lloco_index.backbone import UnknownAdapterError
 from lloco_index.compressor import CompressorConfig, ContextCompressor
 from lloco_index.generation import GenerationConfig, PromptTooLongError
+from lloco_index.pipeline import LLoCO
 from lloco_index.prompts import qa_pieces
 from lloco_index.store import CompressedStore, StoreError
 
@@ -159,6 +160,22 @@ def test_answer_top_k_keeps_the_relevant_chunks_in_document_order(tiny_lloco):
         tiny_lloco.answer("q?", [doc], top_k=0)
     with pytest.raises(ValueError, match="accumulate"):
         tiny_lloco.answer("q?", [doc], top_k=2, accumulate=True)
+
+
+def test_expanded_chunk_goes_last_or_in_place(tiny_lloco):
+    para = [f"Paragraph {i} talks about gardening and weather in plain words." for i in range(24)]
+    doc = " ".join(para[:6] + ["The lighthouse keeper's cat is called Biscuit."] + para[6:])
+    q, cfg = "What is the lighthouse keeper's cat called?", GenerationConfig(max_new_tokens=2)
+    end = tiny_lloco.answer(q, [doc], config=cfg, expand=1)
+    text = [c.text for c in tiny_lloco.store.chunks([end.chunks[-1]])][0]
+    assert "Biscuit" in text  # the re-expanded chunk comes last, just before the question
+    tiny_lloco.expand_at = "in_place"
+    kept = tiny_lloco.answer(q, [doc], config=cfg, expand=1)
+    assert kept.chunks == tiny_lloco.answer(q, [doc], config=cfg).chunks  # document order, as without expand
+    assert sorted(kept.chunks) == sorted(end.chunks) and kept.chunks != end.chunks
+    assert kept.prompt_tokens == end.prompt_tokens and kept.context_vectors == end.context_vectors
+    with pytest.raises(ValueError, match="expand_at"):
+        LLoCO(tiny_lloco.backbone, tiny_lloco.compressor, expand_at="middle")
 
 
 def test_fingerprint_is_the_same_in_fp32_and_bf16(tiny_lloco):

@@ -80,7 +80,7 @@ def test_modes_share_chunks_and_layout(tiny_lloco):
     none = PromptBuilder(tiny_lloco, "none").build([(q, docs)])[0]
     n_chunks = sum(len(tiny_lloco.chunk(d)) for d in docs)
     assert rag.chunks == comp.chunks and len(rag.chunks) == 2 and rag.chunks == sorted(rag.chunks)
-    texts = [c.text for d in docs for c in tiny_lloco.chunk(d)]
+    texts = texts_all = [c.text for d in docs for c in tiny_lloco.chunk(d)]
     assert any("cat" in texts[i] for i in rag.chunks)  # BM25 finds the chunk that names the cat
     assert whole.chunks == list(range(n_chunks)) and whole.source_tokens == whole.document_tokens
     vec = [p for p in comp.pieces if isinstance(p, torch.Tensor)]
@@ -89,6 +89,10 @@ def test_modes_share_chunks_and_layout(tiny_lloco):
     # one layout: putting the chunk texts where the vectors are gives the rag prompt exactly
     texts = iter([c.text for d in docs for c in tiny_lloco.chunk(d)][i] for i in comp.chunks)
     assert "".join(p if isinstance(p, str) else next(texts) for p in comp.pieces) == "".join(rag.pieces)
+    expanded = PromptBuilder(tiny_lloco, "lloco", expand=1).build([(q, docs)])[0]
+    last = expanded.chunks[-1]  # the re-expanded chunk goes after the vectors, as LLoCO.answer puts it
+    assert "cat" in texts_all[last] and sorted(expanded.chunks) == whole.chunks
+    assert [p for p in expanded.pieces if isinstance(p, str) and texts_all[last] in p]
 
 
 def test_full_mode_truncates_the_middle_or_refuses(tiny_lloco):

@@ -143,8 +143,11 @@ class TestLocalEmbeddingsStandard(EmbeddingsUnitTests):
 
 def test_compressor_expand_keeps_the_first_documents_as_text(tiny_lloco):
     out = LLoCODocumentCompressor(lloco=tiny_lloco, expand=1).compress_documents(docs(), "who?")
-    assert out[0] == docs()[0]  # the retriever's best stays as it was
-    assert all(d.page_content == tiny_lloco.store.sentinel(d.metadata["lloco_key"]) for d in out[1:])
-    assert [d.id for d in out] == ["d0", "d1", "d2"]
+    assert out[-1] == docs()[0]  # the retriever's best stays as it was, moved nearest the question
+    assert all(d.page_content == tiny_lloco.store.sentinel(d.metadata["lloco_key"]) for d in out[:-1])
+    assert [d.id for d in out] == ["d1", "d2", "d0"]
+    tiny_lloco.expand_at = "in_place"
+    out = LLoCODocumentCompressor(lloco=tiny_lloco, expand=1).compress_documents(docs(), "who?")
+    assert [d.id for d in out] == ["d0", "d1", "d2"] and out[0] == docs()[0]
     with pytest.raises(ValidationError):
         LLoCODocumentCompressor(lloco=tiny_lloco, expand=-1)

@@ -153,9 +153,13 @@ def test_postprocessor_expand_keeps_the_best_nodes_as_text(tiny_lloco):
     nodes = fake_nodes()  # scores 0.9, 0.5, None
     nodes[0].score, nodes[1].score = 0.5, 0.9
     out = LLoCOPostprocessor(lloco=tiny_lloco, expand=1).postprocess_nodes(nodes, query_str="who?")
-    assert [n.node_id for n in out] == ["n0", "n1", "n2"]  # order and scores untouched
-    assert out[1].node.text == TEXTS[1] and "lloco_key" not in out[1].node.metadata  # best score stays text
-    assert [n.node.text for n in (out[0], out[2])] == [tiny_lloco.store.sentinel(n.node.metadata["lloco_key"])
-                                                       for n in (out[0], out[2])]
+    assert [n.node_id for n in out] == ["n0", "n2", "n1"]  # the text node moves nearest the question
+    assert [n.score for n in out] == [0.5, None, 0.9]
+    assert out[2].node.text == TEXTS[1] and "lloco_key" not in out[2].node.metadata  # best score stays text
+    assert [n.node.text for n in out[:2]] == [tiny_lloco.store.sentinel(n.node.metadata["lloco_key"])
+                                              for n in out[:2]]
+    tiny_lloco.expand_at = "in_place"
+    kept = LLoCOPostprocessor(lloco=tiny_lloco, expand=1).postprocess_nodes(fake_nodes(), query_str="who?")
+    assert [n.node_id for n in kept] == ["n0", "n1", "n2"]  # document order untouched
     with pytest.raises(ValueError):
         LLoCOPostprocessor(lloco=tiny_lloco, expand=-1)

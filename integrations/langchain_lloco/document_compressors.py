@@ -17,6 +17,7 @@ from pydantic import ConfigDict, Field, model_validator
 
 from langchain_lloco._common import LLoCOBacked
 from lloco_index.integration import KEY_KEY, TEXT_KEY, compress_to_sentinels, require_store
+from lloco_index.prompts import arrange_expanded
 
 
 class _Compressing(LLoCOBacked):
@@ -37,7 +38,8 @@ class _Compressing(LLoCOBacked):
 class LLoCODocumentCompressor(_Compressing, BaseDocumentCompressor,
                               RunnableSerializable[Sequence[Document], list[Document]]):
     """Replace documents' text with sentinels for ``LLoCOLLM``/``ChatLLoCO`` (same store); ``expand=1`` keeps
-    the retriever's best document as text, the mode docs/quality.md measures best.
+    the retriever's best document as text, the mode docs/quality.md measures best, placed where
+    ``lloco.expand_at`` says (default: after the compressed documents, nearest the question).
 
     Example::
 
@@ -53,10 +55,11 @@ class LLoCODocumentCompressor(_Compressing, BaseDocumentCompressor,
                            callbacks: Callbacks | None = None) -> Sequence[Document]:
         """``query`` is unused: each chunk is compressed on its own, once, whatever the question."""
         keep, rest = list(documents[:self.expand]), documents[self.expand:]
-        return keep + [d if ref is None else
+        docs = keep + [d if ref is None else
                        Document(id=d.id, page_content=ref[1], metadata={**d.metadata, KEY_KEY: ref[0],
                                                                         TEXT_KEY: d.page_content})
                        for d, ref in zip(rest, self._refs(rest))]
+        return [docs[i] for i in arrange_expanded(range(len(docs)), range(len(keep)), self.lloco.expand_at)]
 
     def invoke(self, input: Sequence[Document], config: Optional[RunnableConfig] = None,
                **kwargs: Any) -> list[Document]:

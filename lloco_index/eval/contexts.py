@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Literal, Sequence, TypeVar
 from ..chunking import Chunk
 from ..generation import GenerationConfig, Piece
 from ..pipeline import LLoCO
-from ..prompts import qa_pieces
+from ..prompts import arrange_expanded, qa_pieces
 from ..retrieval import BM25
 from . import MODES
 
@@ -29,7 +29,7 @@ class EvalPrompt:
     positions: int  # decoder input positions (vectors count one each)
     source_tokens: int  # tokens of document text the context stands for (after selection/truncation)
     document_tokens: int  # tokens of all the documents given
-    chunks: list[int] = field(default_factory=list)  # indices of the chunks used (lloco/rag), document order
+    chunks: list[int] = field(default_factory=list)  # indices of the chunks used (lloco/rag), in prompt order
     truncated: bool = False
     fits: bool = True  # positions + max_new_tokens within the decoder window
 
@@ -44,7 +44,7 @@ class PromptBuilder:
         max_new_tokens: room left for the answer when checking the window.
         truncate: ``full`` mode only: cut the middle of the text to fit (QA) or report "does not fit" (needles).
         expand: ``lloco`` mode only: the ``expand`` chunks most relevant to the question (BM25) go in
-            as text instead of vectors (``LLoCO.answer(expand=...)``).
+            as text instead of vectors (``LLoCO.answer(expand=...)``), where ``lloco.expand_at`` puts them.
     """
 
     def __init__(self, lloco: LLoCO, mode: Mode, top_k: int | None = None, max_new_tokens: int = 64,
@@ -77,8 +77,10 @@ class PromptBuilder:
         vectors = iter(self.lloco.vectors(self.lloco.compress_texts(texts)) if texts else [])
         out = []
         for (q, _), chunks, idx, t, n in zip(items, chunked, picked, as_text, doc_tokens):
-            ctx = [chunks[i].text if i in t else next(vectors) for i in idx]
-            out.append(self._prompt(ctx, q, sum(chunks[i].n_tokens for i in idx), n, chunks=idx))
+            vecs = {i: next(vectors) for i in idx if i not in t}
+            order = arrange_expanded(idx, t, self.lloco.expand_at) if self.mode == "lloco" else idx
+            ctx = [chunks[i].text if i in t else vecs[i] for i in order]
+            out.append(self._prompt(ctx, q, sum(chunks[i].n_tokens for i in idx), n, chunks=order))
         return out
 
     def _select(self, question: str, chunks: list[Chunk]) -> list[int]:

@@ -17,6 +17,7 @@ from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore, Query
 from lloco_index.integration import KEY_KEY, TEXT_KEY, compress_to_sentinels, require_store, shared_lloco
 from lloco_index.models import DEFAULT_MODEL
 from lloco_index.pipeline import LLoCO
+from lloco_index.prompts import arrange_expanded
 
 _OURS = (KEY_KEY, TEXT_KEY)  # metadata keys this module adds (hidden from the LLM and the embedder)
 
@@ -53,7 +54,8 @@ class _UsesLLoCO(BaseModel):
 
 class LLoCOPostprocessor(_UsesLLoCO, BaseNodePostprocessor):
     """Replace retrieved nodes' text with sentinels for ``LLoCOLLM`` (same store); ``expand=1`` keeps the
-    best node as text, the mode docs/quality.md measures best.
+    best node as text, the mode docs/quality.md measures best, placed where ``lloco.expand_at`` says (default:
+    after the compressed nodes, nearest the question).
 
     Example::
 
@@ -74,8 +76,9 @@ class LLoCOPostprocessor(_UsesLLoCO, BaseNodePostprocessor):
         keep = set(sorted(range(len(nodes)), key=lambda i: -(nodes[i].score or 0.0))[:self.expand])
         todo = [i for i in range(len(nodes)) if i not in keep]
         refs = dict(zip(todo, self._compress([nodes[i].node for i in todo])))
-        return [n if refs.get(i) is None else NodeWithScore(node=_swap(n.node, *refs[i]), score=n.score)
-                for i, n in enumerate(nodes)]
+        return [nodes[i] if refs.get(i) is None else NodeWithScore(node=_swap(nodes[i].node, *refs[i]),
+                                                                   score=nodes[i].score)
+                for i in arrange_expanded(range(len(nodes)), keep, self.lloco.expand_at)]
 
 
 class LLoCOIngestor(_UsesLLoCO, TransformComponent):
