@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from contextlib import contextmanager
-from functools import cache, partial
+from functools import partial
 from typing import Iterator, Sequence
 
 import torch
@@ -55,14 +55,18 @@ def decode_attention(module, query, key, value, attention_mask, dropout: float =
     return out.to(query.dtype).reshape(b, h, 1, d).transpose(1, 2).contiguous(), None
 
 
-@cache
+_KERNEL: list = []  # the looked-up kernel (or None), once; a plain global so torch.compile traces the lookup cleanly
+
+
 def flash_decode_kernel():
     """``triton_decode.flash_decode``, or None where Triton is missing (CPU builds of torch)."""
-    try:
-        from .triton_decode import flash_decode
-    except ImportError:
-        return None
-    return flash_decode
+    if not _KERNEL:
+        try:
+            from .triton_decode import flash_decode
+        except ImportError:
+            flash_decode = None
+        _KERNEL.append(flash_decode)
+    return _KERNEL[0]
 
 
 @contextmanager

@@ -10,7 +10,8 @@ fraction of the measured copy bandwidth; on CUDA also through torch.compile (max
 decode as ``lloco bench`` times it and bare graph replays; a few eager steps under torch.profiler give device
 time per kernel category, against the replayed step (the gap is idle time between the graph's kernels).
 ``prefill``: the same prompt's prefill under torch.profiler: kernels by category, GEMM TFLOP/s.
-``attention`` (CUDA): one layer's decode attention over the step's cache, graph-timed: SDPA against the Triton
+``attention`` (CUDA): one layer's decode attention over the step's cache, timed as the autotuner does (10 calls
+per graph replay, so graph launch latency is spread): SDPA against the Triton
 kernels for a grid of splits x block sizes x warps, in GB/s of the K/V bytes read.
 ``compiled_step`` (``--try-compile``): the step body through torch.compile captured in a CUDA graph: ms/token,
 kernels by category inside the graph, greedy tokens against the uncompiled graph. Sections are guarded; the JSON is rewritten after each. On CPU
@@ -33,7 +34,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from lloco_index.bench_utils import (SHAPES, Cost, Ctx, attempt, build_backbone, markdown_table, measure_bandwidth,
                                      median, say, sync, timed)
-from lloco_index.decode_ops import Clock, flash_decode_kernel, text_config
+from lloco_index.decode_ops import Clock, _seconds, flash_decode_kernel, text_config
 from lloco_index.fast_decode import COMPILE_OPTIONS, FastDecoder, _Runner
 from lloco_index.lean_llama import LeanLlama, support
 
@@ -245,7 +246,7 @@ def section_attention(ctx: Ctx, out: dict, args: argparse.Namespace, shared: dic
         mask = torch.zeros(1, 1, 1, length, device=dev, dtype=dt)
         sdpa = partial(F.scaled_dot_product_attention, q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
         ref, kv_bytes = sdpa().transpose(1, 2), 2 * k.nbytes
-        rows = [{"variant": "sdpa", "us": 1e6 * device_seconds(sdpa, dev, args.reps)}]
+        rows = [{"variant": "sdpa", "us": 1e6 * _seconds(sdpa, dev)}]  # 10 calls a graph, as the autotuner times
         for splits in (8, 16, 32, 64):
             for block_n in (16, 32, 64, 128):
                 for warps in (2, 4, 8):
@@ -253,7 +254,7 @@ def section_attention(ctx: Ctx, out: dict, args: argparse.Namespace, shared: dic
                     run = partial(kernel, q, k, v, mask, d ** -0.5, splits, block_n, warps)
                     attempt(row, f"splits={splits} block_n={block_n} warps={warps}", lambda: row.update(
                         rel_err=((run().float() - ref.float()).norm() / ref.float().norm()).item(),
-                        us=1e6 * device_seconds(run, dev, args.reps)))
+                        us=1e6 * _seconds(run, dev)))
                     rows.append(row)
     for row in rows:
         row["gbs"] = kv_bytes / row["us"] / 1e3 if row.get("us") else None

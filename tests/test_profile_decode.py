@@ -22,8 +22,8 @@ def test_profile_decode_tiny_cpu(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["meta"]["bandwidth_gbs"] > 0 and report["meta"]["shape"] == "tiny"
-    assert set(report) == {"meta", "gemv", "step", "prefill", "compiled_step"}
-    assert not any("error" in report[s] for s in ("gemv", "step", "prefill", "compiled_step"))
+    assert set(report) == {"meta", "gemv", "step", "prefill", "attention", "compiled_step"}
+    assert not any("error" in report[s] for s in ("gemv", "step", "prefill", "attention", "compiled_step"))
 
     gemv = report["gemv"]
     # as the engine reads them: q|k|v 128x64, o 64x64, gate|up 256x64, down 64x128, vocabulary head 512x64
@@ -51,4 +51,5 @@ def test_profile_decode_tiny_cpu(tmp_path):
     assert prefill["positions"] == 200 and prefill["ms"] > 0 and prefill["gemm_ms"] > 0 and prefill["gemm_tflops"] > 0
     assert prefill["profile"]["categories"]["gemm/gemv"]["launches_per_step"] >= 2 * 4  # the prompt's GEMMs
     assert report["compiled_step"] == {"skipped": "needs CUDA"}
+    assert report["attention"] == {"skipped": "needs CUDA and Triton"}
     assert "| category |" in run.stdout and "gemm/gemv" in run.stdout
