@@ -14,7 +14,6 @@ base weights G times). On CPU the same code runs without graphs, which is what t
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -31,12 +30,7 @@ logger = logging.getLogger(__name__)
 Sampler = Callable[[torch.Tensor], torch.Tensor]  # float logits [b, vocab] -> token ids [b]
 
 
-# Inductor's "max-autotune-no-cudagraphs" mode (our own graph captures the step), without prologue fusion: fused
-# into down_proj's GEMV template as a prologue, SiLU(gate) * up made that GEMV take 40.7 us in the 7B step where
-# it takes 33.8 us alone (docs/benchmarks.md). TORCHINDUCTOR_PROLOGUE_FUSION=1 turns it back on.
-COMPILE_OPTIONS = {"options": {"max_autotune": True, "coordinate_descent_tuning": True,
-                               "prologue_fusion": os.environ.get("TORCHINDUCTOR_PROLOGUE_FUSION") == "1"},
-                   "dynamic": False}
+COMPILE_OPTIONS = {"mode": "max-autotune-no-cudagraphs", "dynamic": False}  # our own graph captures the step
 
 
 @dataclass

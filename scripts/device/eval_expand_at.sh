@@ -2,7 +2,7 @@
 # Where the re-expanded chunk goes (--expand-at end | in-place), measured in one GPU run on the same data:
 #   bash scripts/device/eval_expand_at.sh [NAME DIR ...]     (extra checkpoints, run with --expand-at end only)
 # Shipped defaults: needle, whole document, --expand 1, both placements (8 lengths x 5 depths); needle with
-# --top-k 16 --expand 1 (end); dev QA with --expand 1, both placements. Needs $DATA/dev.jsonl and
+# --top-k 16 --expand 1, both placements; dev QA with --expand 1, both placements. Needs $DATA/dev.jsonl and
 # $DATA/paul_graham (DATA defaults to .devdata). Reports are packed into $OUT/expand_at.tgz after each command.
 set -o pipefail
 source scripts/device/setup.sh
@@ -17,8 +17,10 @@ for at in end in-place; do
   ev niah_expand1_${at} niah $H --expand 1 --expand-at $at
   ev qa_expand1_${at} qa $DATA/dev.jsonl --mode lloco --expand 1 --expand-at $at --batch-size 16
 done
-# shellcheck disable=SC2086
-ev niah_top16_expand1_end niah $H --top-k 16 --expand 1
+for at in end in-place; do
+  # shellcheck disable=SC2086
+  ev niah_top16_expand1_${at} niah $H --top-k 16 --expand 1 --expand-at $at
+done
 for ((i = 0; i < ${#pairs[@]}; i += 2)); do
   w="--adapter ${pairs[i+1]}/decoder --compressor ${pairs[i+1]}/compressor"
   # shellcheck disable=SC2086
