@@ -24,7 +24,7 @@ from .compressor import ContextCompressor
 from .generation import GenerationConfig, Generator, Piece
 from .models import DEFAULT_MODEL
 from .presets import get_preset
-from .prompts import SYSTEM_PROMPT, ExpandAt, arrange_expanded, qa_pieces
+from .prompts import SYSTEM_PROMPT, ExpandAt, arrange_expanded, check_expand_at, qa_pieces
 from .retrieval import BM25
 from .store import CompressedStore, KeyRef, StoreError, chunk_key, escape_sentinels
 
@@ -72,8 +72,7 @@ class LLoCO:
                  expand_at: ExpandAt = "end"):
         if prompt_preset is not None:
             get_preset(prompt_preset)  # fail now, not at the first question
-        arrange_expanded([], (), expand_at)  # fail now on a bad value
-        self.expand_at = expand_at  # where ``expand``ed (text) chunks go: "end" (before the question) or "in_place"
+        self.expand_at = expand_at
         self.prompt_preset = prompt_preset
         self.backbone = backbone
         self.compressor = compressor
@@ -83,6 +82,15 @@ class LLoCO:
         self.system_prompt = system_prompt
         self._memory: dict[str, tuple[torch.Tensor, int, str]] = {}  # key -> (vectors, source tokens, text) w/o store
         self._bm25: tuple[int, BM25, list[str]] | None = None
+
+    @property
+    def expand_at(self) -> ExpandAt:
+        """Where ``expand``ed (text) chunks go: ``"end"`` (after the vectors, before the question) or ``"in_place"``."""
+        return self._expand_at
+
+    @expand_at.setter
+    def expand_at(self, value: ExpandAt) -> None:
+        self._expand_at = check_expand_at(value)  # a bad value fails here, not at the first question
 
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, *, compressor: str | Path | None = None,
@@ -232,7 +240,8 @@ class LLoCO:
                    adapter: str | None = None, expand: int = 0) -> Iterator[str]:
         ranked = [k for k, _ in self.retrieve(question, top_k)]
         as_text = set(ranked[:expand])
-        pieces = self._pieces(question, arrange_expanded(self._in_doc_order(ranked), as_text, self.expand_at), as_text)
+        keys = arrange_expanded(self._in_doc_order(ranked), as_text, self.expand_at)
+        pieces = self._pieces(question, keys, as_text)
         return self.generator.stream(pieces, config, self._adapter(adapter))
 
     def answer(self, question: str, contexts: Sequence[str], config: GenerationConfig | None = None,
@@ -318,7 +327,7 @@ class LLoCO:
         return adapter if adapter is not None else self.adapter
 
     def _pieces(self, question: str, keys: Sequence[str], as_text: set[str] = frozenset()) -> list[Piece]:
-        """Prompt with each chunk as vectors, or as its text when its key is in ``as_text`` (``keys`` in prompt order)."""
+        """Prompt with each chunk (``keys`` in prompt order) as vectors, or as text when its key is in ``as_text``."""
         texts = self._texts(as_text) if as_text else {}
         vecs = dict(zip(keys, self.vectors(keys)))
         return self._pieces_for(question, [texts[k] if k in as_text else vecs[k] for k in keys])

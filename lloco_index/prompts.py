@@ -21,15 +21,19 @@ def question_text(question: str, choices: Sequence[str] | None = None) -> str:
     return f"{question.strip()}\n{options}\nAnswer with the letter of the correct option."
 
 
+def check_expand_at(expand_at: str) -> ExpandAt:
+    if expand_at not in EXPAND_AT:
+        raise ValueError(f"expand_at must be one of {', '.join(EXPAND_AT)}, got {expand_at!r}")
+    return expand_at
+
+
 def arrange_expanded(order: Sequence[T], as_text: Collection[T], expand_at: ExpandAt = "end") -> list[T]:
     """Chunks in prompt order: ``end`` moves the re-expanded (text) ones after all vector chunks, just before the
     question, keeping document order within each group; ``in_place`` keeps document order.
 
     Why ``end``: a small decoder reads a text chunk buried among hundreds of vector chunks poorly (the shipped
     default named the whole needle in 40% of 32k-token haystacks with it in place, docs/quality.md)."""
-    if expand_at not in EXPAND_AT:
-        raise ValueError(f"expand_at must be one of {', '.join(EXPAND_AT)}, got {expand_at!r}")
-    if expand_at == "in_place":
+    if check_expand_at(expand_at) == "in_place":
         return list(order)
     return [c for c in order if c not in as_text] + [c for c in order if c in as_text]
 

@@ -11,10 +11,11 @@ decode as ``lloco bench`` times it and bare graph replays; a few eager steps und
 time per kernel category, against the replayed step (the gap is idle time between the graph's kernels).
 ``prefill``: the same prompt's prefill under torch.profiler: kernels by category, GEMM TFLOP/s.
 ``attention`` (CUDA): one layer's decode attention over the step's cache, timed as the autotuner does (10 calls
-per graph replay, so graph launch latency is spread): SDPA against the Triton
-kernels for a grid of splits x block sizes x warps, in GB/s of the K/V bytes read.
+per graph replay, so graph launch latency is spread): SDPA against the Triton kernels for a grid of splits x
+block sizes x warps, in GB/s of the K/V bytes read.
 ``compiled_step`` (``--try-compile``): the step body through torch.compile captured in a CUDA graph: ms/token,
-kernels by category inside the graph, greedy tokens against the uncompiled graph. Sections are guarded; the JSON is rewritten after each. On CPU
+kernels by category inside the graph, greedy tokens against the uncompiled graph. Sections are guarded; the JSON
+is rewritten after each. On CPU
 (``--shape tiny --device cpu``) it runs in seconds: aten op self time instead of kernels, CUDA-only parts skipped.
 """
 
@@ -151,6 +152,13 @@ def kernel_profile(fn: Callable[[], object], steps: int, device: torch.device) -
             "top": sorted(top, key=lambda r: -r["us_per_step"])[:15]}
 
 
+def say_profile(prof: dict) -> None:
+    """A ``kernel_profile`` as two tables: by category, then the top kernels."""
+    say(markdown_table([{"category": c, **v} for c, v in prof["categories"].items()],
+                       ["category", "us_per_step", "launches_per_step", "share"]))
+    say(markdown_table(prof["top"], ["name", "category", "us_per_step", "calls_per_step"]))
+
+
 def restore(runner: _Runner, state: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """The decode state (tok, pos, slot, mask) after prefill: saved, or put back (``state``)."""
     tensors = (runner.tok, runner.pos, runner.slot, runner.mask)
@@ -201,9 +209,7 @@ def section_step(ctx: Ctx, out: dict, args: argparse.Namespace, shared: dict) ->
                weights_kv_of_copy_bw=(weights + kv) / step_s / ctx.bandwidth, kernel_ms_per_step=kernel_ms,
                gap_ms=1e3 * step_s - kernel_ms if dev.type == "cuda" else None,
                graph_kernel_ms_per_step=out.get("graph_profile", {}).get("us_per_step", 0) / 1e3 or None)
-    say(markdown_table([{"category": c, **v} for c, v in prof["categories"].items()],
-                       ["category", "us_per_step", "launches_per_step", "share"]))
-    say(markdown_table(prof["top"], ["name", "category", "us_per_step", "calls_per_step"]))
+    say_profile(prof)
     say(f"  engine decode {out['engine_ms_per_token']:.3f} ms/token; bare {'replay' if out['graph'] else 'eager'} step"
         f" {out['step_ms']:.3f} ms: {out['weights_of_copy_bw']:.1%} of copy bandwidth for the weights "
         f"({weights / 1e9:.2f} GB), {out['weights_kv_of_copy_bw']:.1%} with the KV cache ({kv / 1e9:.2f} GB); "
@@ -224,9 +230,7 @@ def section_prefill(ctx: Ctx, out: dict, args: argparse.Namespace, shared: dict)
     flops = 2 * ctx.cost.linear_params * args.context
     out.update(ms=1e3 * wall, kernel_ms=prof["us_per_step"] / 1e3, gemm_ms=1e3 * gemm_s,
                gemm_tflops=flops / gemm_s / 1e12 if gemm_s else None, positions=args.context)
-    say(markdown_table([{"category": c, **v} for c, v in prof["categories"].items()],
-                       ["category", "us_per_step", "launches_per_step", "share"]))
-    say(markdown_table(prof["top"], ["name", "category", "us_per_step", "calls_per_step"]))
+    say_profile(prof)
     say(f"  prefill of {args.context} positions: {out['ms']:.2f} ms wall, kernels {out['kernel_ms']:.2f} ms, "
         f"GEMMs {out['gemm_ms']:.2f} ms = {out['gemm_tflops'] or 0:.0f} TFLOP/s on the Linear layers")
 
@@ -283,9 +287,7 @@ def section_compiled_step(ctx: Ctx, out: dict, args: argparse.Namespace, shared:
         step_s, tokens = replay(runner, state, n - 1, args.reps)
         out["graph_profile"] = kernel_profile(lambda: [runner.graph.replay() for _ in range(3)], 3, ctx.device)
         restore(runner, state)
-    say(markdown_table([{"category": c, **v} for c, v in out["graph_profile"]["categories"].items()],
-                       ["category", "us_per_step", "launches_per_step", "share"]))
-    say(markdown_table(out["graph_profile"]["top"], ["name", "category", "us_per_step", "calls_per_step"]))
+    say_profile(out["graph_profile"])
     same = next((i for i, (a, b) in enumerate(zip(tokens, shared["tokens"])) if a != b), len(tokens))
     out.update(step_ms=1e3 * step_s, speedup=shared["step_s"] / step_s, tokens_equal=tokens == shared["tokens"],
                common_prefix_tokens=same, weights_of_copy_bw=shared["weights"] / step_s / ctx.bandwidth)

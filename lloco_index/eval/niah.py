@@ -107,7 +107,8 @@ def run_niah(lloco: LLoCO, corpus: str, lengths: Sequence[int] = DEFAULT_LENGTHS
     for d in depths:
         hay.build(lengths[0], d, needle)
     settings = {"kind": "niah", "model": lloco.backbone.name_or_path, "adapter": adapter,
-                "compressor": lloco.compressor.fingerprint(), "top_k": top_k, "expand": expand, "expand_at": lloco.expand_at,
+                "compressor": lloco.compressor.fingerprint(), "top_k": top_k, "expand": expand,
+                "expand_at": lloco.expand_at,
                 "generation": asdict(config),
                 "needle": needle, "question": question, "expect": list(expect), "lengths": list(lengths),
                 "depths": list(depths), "modes": list(modes), "window": lloco.backbone.context_window,

@@ -60,7 +60,8 @@ def evaluate_qa(lloco: LLoCO, examples: Iterable[QAExample], mode: Mode = "lloco
     adapter = lloco.adapter if adapter is None else adapter
     builder = PromptBuilder(lloco, mode, top_k, config.max_new_tokens, truncate=True, expand=expand)
     data_hash = hashlib.sha256("\n".join(ex.to_json() for ex in examples).encode()).hexdigest()[:16]
-    settings = {"kind": "qa", "mode": mode, "top_k": builder.top_k, "expand": expand, "expand_at": lloco.expand_at, "model": lloco.backbone.name_or_path,
+    settings = {"kind": "qa", "mode": mode, "top_k": builder.top_k, "expand": expand, "expand_at": lloco.expand_at,
+                "model": lloco.backbone.name_or_path,
                 "adapter": adapter, "compressor": lloco.compressor.fingerprint(), "generation": asdict(config),
                 "dataset_sha256": data_hash}
     run = EvalRun(settings, ids, out, f"eval {mode}", show_progress_bar)
