@@ -35,7 +35,7 @@ from .backbone import Backbone
 from .compressor import ENCODER_ADAPTER, CompressorConfig, ContextCompressor
 from .corpus import Corpus
 from .generation import Generator
-from .prompts import SYSTEM_PROMPT, qa_pieces
+from .prompts import SYSTEM_PROMPT, ExpandAt, arrange_expanded, check_expand_at, qa_pieces
 from .synth import insert_sentence, make_fact
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ class TrainConfig:
     max_chunks: int = 64  # qa contexts have 1..max_chunks chunks (log-uniform)
     max_facts: int = 3  # qa: facts hidden per context
     expand_prob: float = 0.0  # qa/cloze: chance that one chunk is given as text (teaches `expand` mode)
+    expand_at: str = "end"  # where that text chunk goes: "end" (after the vectors, as inference does) or "in_place"
     segments_per_step: int = 64  # encoder segments per optimizer step
     grad_segments: int = 48  # at most this many segments get encoder gradients; others are no-grad distractors
     lm_tokens: int = 128
@@ -89,6 +90,9 @@ class TrainConfig:
     bf16: bool = True
     grad_checkpointing: bool = False  # recompute layer activations in backward: less memory, ~1/3 more compute
     loss_chunk_tokens: int = 8192  # answer tokens per vocabulary-projection chunk (bounds the logits' memory)
+
+    def __post_init__(self):
+        check_expand_at(self.expand_at)
 
     @classmethod
     def from_args(cls, pairs: dict[str, str]) -> "TrainConfig":
@@ -238,9 +242,11 @@ class TaskSampler:
         return Example(chunks, LM_QUESTION, seq[n_chunks * length:], list(range(n_chunks)))
 
 
-def encode_chunks(comp: ContextCompressor, examples: list[Example], grad_budget: int) -> list[list]:
-    """Vectors for every chunk (text for ``text_chunks``); the first ``grad_budget`` gradient chunks
-    are encoded with grad, the rest as no-grad distractors."""
+def encode_chunks(comp: ContextCompressor, examples: list[Example], grad_budget: int,
+                  expand_at: ExpandAt = "end") -> list[list]:
+    """Vectors for every chunk (text for ``text_chunks``), in prompt order: text chunks placed by ``expand_at``
+    exactly as inference places re-expanded chunks. The first ``grad_budget`` gradient chunks (in document
+    order) are encoded with grad, the rest as no-grad distractors."""
     flat = [(i, j, c) for i, ex in enumerate(examples) for j, c in enumerate(ex.chunks) if j not in ex.text_chunks]
     want = {(i, j) for i, ex in enumerate(examples) for j in ex.grad_chunks}
     grad_ids = [k for k, (i, j, _) in enumerate(flat) if (i, j) in want][:grad_budget]
@@ -257,7 +263,8 @@ def encode_chunks(comp: ContextCompressor, examples: list[Example], grad_budget:
                 out.update(zip(ks, vecs))
     vec = {(i, j): out[k] for k, (i, j, _) in enumerate(flat)}
     tok = comp.backbone.tokenizer
-    return [[vec[(i, j)] if (i, j) in vec else tok.decode(c) for j, c in enumerate(ex.chunks)]
+    return [[vec[(i, j)] if (i, j) in vec else tok.decode(ex.chunks[j])
+             for j in arrange_expanded(range(len(ex.chunks)), ex.text_chunks, expand_at)]
             for i, ex in enumerate(examples)]
 
 
@@ -521,7 +528,7 @@ def _loop(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int) -> Pat
         with acc.autocast():
             with _phase("encode"):
                 if exs[0].vectors is None:
-                    vecs, cut = cut_vectors(encode_chunks(comp, exs, cfg.grad_segments))
+                    vecs, cut = cut_vectors(encode_chunks(comp, exs, cfg.grad_segments, cfg.expand_at))
                 else:
                     vecs, cut = [[v.to(bb.device, bb.dtype) for v in e.vectors] for e in exs], []
             with _phase("decoder_batch"):

@@ -201,12 +201,23 @@ def test_expand_gives_one_text_chunk(models, sampler, tokenizer):
     assert expand.qa(1, 32).text_chunks == []  # a single chunk is never given as text
     ex = expand.qa(3, 32)
     assert len(ex.text_chunks) == 1
-    (row,) = encode_chunks(comp, [ex], grad_budget=1)
-    for j, piece in enumerate(row):
-        if j in ex.text_chunks:
+    ex.text_chunks = [t := 0]  # the first chunk, so that "end" must move it
+    (in_place,) = encode_chunks(comp, [ex], grad_budget=1, expand_at="in_place")
+    for j, piece in enumerate(in_place):
+        if j == t:
             assert piece == tokenizer.decode(ex.chunks[j])
         else:
             assert isinstance(piece, torch.Tensor) and piece.shape == (4, comp.backbone.hidden_size)
+    (end,) = encode_chunks(comp, [ex], grad_budget=1)  # default: the text chunk last, as inference places it
+    assert end[-1] == in_place[t]
+    for a, b in zip(end[:-1], [p for j, p in enumerate(in_place) if j != t]):
+        torch.testing.assert_close(a, b)
+
+
+def test_train_config_rejects_unknown_expand_at():
+    assert TrainConfig.from_args({"expand_at": "in_place"}).expand_at == "in_place"
+    with pytest.raises(ValueError, match="expand_at must be one of end, in_place"):
+        TrainConfig.from_args({"expand_at": "middle"})
 
 
 def test_sampler_is_deterministic_for_a_seed(sampler, tokenizer):
