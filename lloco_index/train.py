@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .backbone import Backbone
+from .bench_utils import Cost, measure_peak_flops
 from .compressor import ENCODER_ADAPTER, CompressorConfig, ContextCompressor
 from .corpus import Corpus
 from .generation import Generator
@@ -242,15 +243,20 @@ class TaskSampler:
         return Example(chunks, LM_QUESTION, seq[n_chunks * length:], list(range(n_chunks)))
 
 
+def grad_split(examples: list[Example], grad_budget: int) -> tuple[list[tuple[int, int, list[int]]], list[int]]:
+    """The chunks encoded as vectors, as (example, chunk, tokens) in document order, and the indices of those
+    encoded with gradients: the first ``grad_budget`` gradient chunks (the others are no-grad distractors)."""
+    flat = [(i, j, c) for i, ex in enumerate(examples) for j, c in enumerate(ex.chunks) if j not in ex.text_chunks]
+    want = {(i, j) for i, ex in enumerate(examples) for j in ex.grad_chunks}
+    return flat, [k for k, (i, j, _) in enumerate(flat) if (i, j) in want][:grad_budget]
+
+
 def encode_chunks(comp: ContextCompressor, examples: list[Example], grad_budget: int,
                   expand_at: ExpandAt = "end") -> list[list]:
     """Vectors for every chunk (text for ``text_chunks``), in prompt order: text chunks placed by ``expand_at``
-    exactly as inference places re-expanded chunks. The first ``grad_budget`` gradient chunks (in document
-    order) are encoded with grad, the rest as no-grad distractors."""
-    flat = [(i, j, c) for i, ex in enumerate(examples) for j, c in enumerate(ex.chunks) if j not in ex.text_chunks]
-    want = {(i, j) for i, ex in enumerate(examples) for j in ex.grad_chunks}
-    grad_ids = [k for k, (i, j, _) in enumerate(flat) if (i, j) in want][:grad_budget]
-    rest = [k for k in range(len(flat)) if k not in set(grad_ids)]
+    exactly as inference places re-expanded chunks; gradients as ``grad_split`` says."""
+    flat, grad_ids = grad_split(examples, grad_budget)
+    rest = sorted(set(range(len(flat))) - set(grad_ids))
     out: dict[int, torch.Tensor] = {}
     for ids, grad in ((grad_ids, True), (rest, False)):
         for b in range(0, len(ids), 256):
@@ -266,6 +272,29 @@ def encode_chunks(comp: ContextCompressor, examples: list[Example], grad_budget:
     return [[vec[(i, j)] if (i, j) in vec else tok.decode(ex.chunks[j])
              for j in arrange_expanded(range(len(ex.chunks)), ex.text_chunks, expand_at)]
             for i, ex in enumerate(examples)]
+
+
+def step_flops(cost: Cost, summary_tokens: int, examples: list[Example], grad_budget: int,
+               labels: torch.Tensor) -> torch.Tensor:
+    """Model FLOPs of one training step: MFU's numerator, in PaLM's convention (what the step needs; activation
+    recomputation is not counted). Each encoder segment (tokens + summary slots) runs forward; those with
+    gradients also backward. Each decoder row, unpadded, runs forward and backward, with the vocabulary projection
+    on its answer tokens only. The base weights are frozen, so a backward multiplies by each weight once (input
+    gradients; the LoRA weights' own are negligible) and runs attention twice. A 0-d float64 tensor on the
+    labels' device: reading it would wait for the GPU, so the loop reads the sum only when it logs."""
+    def flops(tokens, logits, grad: bool):
+        f = cost.forward_flops(tokens, logits)
+        return 2 * f + 2 * cost.layers * cost.attn_dim * tokens * tokens if grad else f
+
+    labelled = labels != -100
+    positions = torch.arange(1, labels.shape[1] + 1, device=labels.device, dtype=torch.float64)
+    lengths = (labelled * positions).amax(1)  # a row ends at its last label: padding is not counted
+    total = flops(lengths, labelled.sum(1, dtype=torch.float64), True).sum()
+    if examples[0].vectors is None:  # finetuning reads precomputed vectors: no encoder
+        flat, grad_ids = grad_split(examples, grad_budget)
+        grad = set(grad_ids)
+        total += sum(flops(len(c) + summary_tokens, 0, k in grad) for k, (_, _, c) in enumerate(flat))
+    return total
 
 
 def cut_vectors(rows: list[list]) -> tuple[list[list], list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -513,7 +542,8 @@ def _in_sync(acc, params: list[torch.Tensor]) -> bool:
 
 def _loop(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int) -> Path:
     out = Path(cfg.out_dir)
-    t0, tokens, step, log = time.time(), 0, 0, []
+    cost, peak = Cost.of(bb.model), measure_peak_flops(acc.device)  # MFU = step_flops / time / peak
+    t0, tokens, flops, step, log = time.time(), 0, torch.zeros((), dtype=torch.float64, device=acc.device), 0, []
     params = [p for g in opt.param_groups for p in g["params"]]
     if acc.num_processes > 1:  # replicas start from process 0's weights, whatever their own initialisation did
         from accelerate.utils import broadcast
@@ -547,12 +577,13 @@ def _loop(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int) -> Pat
             opt.step()
             opt.zero_grad(set_to_none=True)
         tokens += sum(len(c) for e in exs for c in e.chunks) + x.shape[0] * x.shape[1]  # encoder + decoder
+        flops += step_flops(cost, comp.config.summary_tokens, exs, cfg.grad_segments, labels)
         step += 1
         if step % 20 == 0 and acc.is_main_process:
             el = time.time() - t0
-            logger.info("step %d %s loss %.3f acc %.3f | %.0f tok/s%s | %.1f min%s", step, task, loss.item(),
-                        tok_acc.item(), tokens / el, " in process 0" if acc.num_processes > 1 else "", el / 60,
-                        _peak_memory())
+            logger.info("step %d %s loss %.3f acc %.3f | %.0f tok/s, MFU %.1f%%%s | %.1f min%s", step, task,
+                        loss.item(), tok_acc.item(), tokens / el, 100 * flops.item() / el / peak,
+                        " in process 0" if acc.num_processes > 1 else "", el / 60, _peak_memory())
         if step % cfg.eval_every == 0 and acc.is_main_process and held is not None:
             with _phase("eval"):
                 ev = evaluate(bb, comp, held, batcher, cfg.eval_examples)
@@ -560,15 +591,18 @@ def _loop(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int) -> Pat
             logger.info("eval %s", ev)
         if step % cfg.save_every == 0 and acc.is_main_process:
             save_checkpoint(bb, comp, out, cfg, {"step": step, "eval": log})
-    el = time.time() - t0
+    el, flops = time.time() - t0, flops.item()
     sync = {}
     if acc.num_processes > 1:  # throughput of all processes together; replicas that drifted apart are reported
-        tokens = int(_across(acc, tokens, "sum"))
+        tokens, flops = int(_across(acc, tokens, "sum")), _across(acc, flops, "sum")
+        peak *= acc.num_processes
         sync = {"processes": acc.num_processes, "replicas_in_sync": _in_sync(acc, params)}
     if acc.is_main_process:
         final = evaluate(bb, comp, held, batcher, cfg.eval_examples) if held is not None else {}
         log.append({"step": step, "minutes": round(el / 60, 2), **final})
-        save_checkpoint(bb, comp, out, cfg, {"step": step, "eval": log, "tokens": tokens, **sync,
-                                             "tokens_per_s": round(tokens / el), "seconds": round(el)})
-        logger.info("done: %d steps, %.0f tok/s%s, final eval %s", step, tokens / el, _peak_memory(), final)
+        speed = {"tokens_per_s": round(tokens / el), "seconds": round(el), "mfu": round(flops / el / peak, 6),
+                 "model_tflops_per_s": round(flops / el / 1e12, 6), "peak_tflops_per_s": round(peak / 1e12, 6)}
+        save_checkpoint(bb, comp, out, cfg, {"step": step, "eval": log, "tokens": tokens, **sync, **speed})
+        logger.info("done: %d steps, %.0f tok/s, MFU %.1f%%%s, final eval %s", step, tokens / el,
+                    100 * flops / el / peak, _peak_memory(), final)
     return out

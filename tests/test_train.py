@@ -24,9 +24,10 @@ from lloco_index.compressor import ENCODER_ADAPTER, CompressorConfig, ContextCom
 from lloco_index.corpus import Corpus, build_corpus
 from lloco_index.generation import Generator
 from lloco_index.prompts import SYSTEM_PROMPT, qa_pieces
+from lloco_index.bench_utils import Cost
 from lloco_index.train import (AE_QUESTION, DECODER_ADAPTER, DecoderBatcher, Example, TaskSampler, TrainConfig,
                                answer_loss, cut_vectors, encode_chunks, encoder_backward, setup_models,
-                               train_compressor, train_finetune)
+                               step_flops, train_compressor, train_finetune)
 
 # every field a tiny run changes from the production defaults (also the CLI flags of the CLI test)
 TINY = dict(segment_tokens=32, summary_tokens=4, encoder_r=2, encoder_alpha=4, decoder_r=2, decoder_alpha=4,
@@ -230,6 +231,36 @@ def test_sampler_is_deterministic_for_a_seed(sampler, tokenizer):
 
 
 # -- encoding -----------------------------------------------------------------------------------
+def test_step_flops_match_what_torch_counts(models, sampler):
+    """MFU's numerator against torch's own FLOP counter over one real step (forward + backward). The counter does
+    not see the CPU attention kernel, so attention is left out of both sides; it also sees what the model-FLOPs
+    convention leaves out (padding, the rank-2 LoRA matmuls, the loss's recomputed vocabulary projection), so it
+    counts a little more, never less."""
+    from dataclasses import replace as replace_field
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    bb, comp = models
+    c = [sampler.corpus.window(np.random.default_rng(i), 32 if i % 2 else 20) for i in range(6)]
+    exs = [Example(c[0:3], "Which word?", c[5][:7], grad_chunks=[0, 2]), Example(c[3:4], AE_QUESTION, c[3], [0]),
+           Example(c[4:6], "Which word?", c[1][:3], grad_chunks=[1], text_chunks=[0])]
+    with FlopCounterMode(display=False) as counter:
+        vecs, cut = cut_vectors(encode_chunks(comp, exs, grad_budget=2))
+        x, labels = DecoderBatcher(bb)(vecs, [e.question for e in exs], [e.answer for e in exs])
+        loss, _ = answer_loss(bb, x, labels)
+        with bb.use(DECODER_ADAPTER):
+            loss.backward()
+        encoder_backward(comp, cut)
+    bb.model.zero_grad(set_to_none=True)
+    comp.summary.grad = None
+    cost, summary = Cost.of(bb.model), comp.config.summary_tokens
+    no_attention = float(step_flops(replace_field(cost, attn_dim=0), summary, exs, 2, labels))
+    assert no_attention <= counter.get_total_flops() <= 1.15 * no_attention
+    with_attention = float(step_flops(cost, summary, exs, 2, labels))
+    assert with_attention > no_attention
+    assert float(step_flops(cost, summary, exs, 3, labels)) > with_attention  # a third segment's backward
+
+
 def test_encode_chunks_grad_budget(models, sampler):
     _, comp = models
     c = [sampler.corpus.window(np.random.default_rng(i), 32 if i % 2 else 20) for i in range(6)]
@@ -259,6 +290,7 @@ def test_train_compressor_writes_safetensors_checkpoint(pretrained, tiny_model_d
     state = json.loads((out / "training_state.json").read_text())
     assert state["train_config"] == json.loads(json.dumps(vars(cfg)))
     assert state["step"] == cfg.max_steps and state["tokens"] > 0
+    assert state["peak_tflops_per_s"] > 0 and 0 < state["mfu"] < 1  # measured on this CPU, not assumed
     final = state["eval"][-1]
     assert all(math.isfinite(final[k]) for k in final if k.endswith("_loss"))
     assert {"qa8_loss", "qa32_em", "ae1_acc", "lm2_loss"} <= final.keys()
