@@ -21,6 +21,7 @@ import logging
 import math
 import random
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -542,7 +543,13 @@ def _in_sync(acc, params: list[torch.Tensor]) -> bool:
 
 def _loop(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int) -> Path:
     out = Path(cfg.out_dir)
+    from tqdm.auto import tqdm
+
     cost, peak = Cost.of(bb.model), measure_peak_flops(acc.device)  # MFU = step_flops / time / peak
+    budget = cfg.max_minutes * 60
+    bar = tqdm(total=100, desc="train", disable=not acc.is_main_process,  # % of steps or of the time budget
+               mininterval=1 if getattr(sys.stderr, "isatty", lambda: False)() else 30,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}")
     t0, tokens, flops, step, log = time.time(), 0, torch.zeros((), dtype=torch.float64, device=acc.device), 0, []
     params = [p for g in opt.param_groups for p in g["params"]]
     if acc.num_processes > 1:  # replicas start from process 0's weights, whatever their own initialisation did
@@ -550,11 +557,13 @@ def _loop(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int) -> Pat
 
         for p in params:
             p.data.copy_(broadcast(p.data.clone(), from_process=0))
-    while step < total and (elapsed := _elapsed(acc, t0)) < cfg.max_minutes * 60:
+    while step < total and (elapsed := _elapsed(acc, t0)) < budget:
         with _phase("sample"):
             task, exs = next_batch()
+        progress = max(step / total, elapsed / budget)
+        bar.update(int(100 * progress) - bar.n)
         for g, base in zip(opt.param_groups, (cfg.lr, cfg.summary_lr)):
-            g["lr"] = _lr(step, cfg, base, max(step / total, elapsed / (cfg.max_minutes * 60)))
+            g["lr"] = _lr(step, cfg, base, progress)
         with acc.autocast():
             with _phase("encode"):
                 if exs[0].vectors is None:
@@ -581,9 +590,11 @@ def _loop(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int) -> Pat
         step += 1
         if step % 20 == 0 and acc.is_main_process:
             el = time.time() - t0
+            mfu = flops.item() / el / peak
             logger.info("step %d %s loss %.3f acc %.3f | %.0f tok/s, MFU %.1f%%%s | %.1f min%s", step, task,
-                        loss.item(), tok_acc.item(), tokens / el, 100 * flops.item() / el / peak,
+                        loss.item(), tok_acc.item(), tokens / el, 100 * mfu,
                         " in process 0" if acc.num_processes > 1 else "", el / 60, _peak_memory())
+            bar.set_postfix_str(f"step {step}, loss {loss.item():.3f}, {tokens / el:.0f} tok/s, MFU {100 * mfu:.1f}%")
         if step % cfg.eval_every == 0 and acc.is_main_process and held is not None:
             with _phase("eval"):
                 ev = evaluate(bb, comp, held, batcher, cfg.eval_examples)
@@ -591,6 +602,8 @@ def _loop(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int) -> Pat
             logger.info("eval %s", ev)
         if step % cfg.save_every == 0 and acc.is_main_process:
             save_checkpoint(bb, comp, out, cfg, {"step": step, "eval": log})
+    bar.update(bar.total - bar.n)
+    bar.close()
     el, flops = time.time() - t0, flops.item()
     sync = {}
     if acc.num_processes > 1:  # throughput of all processes together; replicas that drifted apart are reported

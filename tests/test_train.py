@@ -300,6 +300,13 @@ def test_train_compressor_writes_safetensors_checkpoint(pretrained, tiny_model_d
     assert comp.fingerprint() == state["compressor_fingerprint"]  # a store made at train time fits the loaded one
 
 
+def test_training_shows_a_progress_bar(tiny_model_dir, corpus_file, tmp_path, capfd):
+    cfg = tiny_cfg(tiny_model_dir, corpus_file, tmp_path / "run", max_steps=2)
+    train_compressor(cfg, held_out_eval=False)
+    err = capfd.readouterr().err
+    assert "train:   0%" in err and "train: 100%" in err  # percent of max_steps or of max_minutes, whichever leads
+
+
 def test_init_from_loads_saved_adapters(pretrained):
     from peft import get_peft_model_state_dict
 
