@@ -542,13 +542,13 @@ def _in_sync(acc, params: list[torch.Tensor]) -> bool:
 
 
 def _loop(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int) -> Path:
-    out = Path(cfg.out_dir)
     from tqdm.auto import tqdm
 
+    out = Path(cfg.out_dir)
     cost, peak = Cost.of(bb.model), measure_peak_flops(acc.device)  # MFU = step_flops / time / peak
     budget = cfg.max_minutes * 60
     bar = tqdm(total=100, desc="train", disable=not acc.is_main_process,  # % of steps or of the time budget
-               mininterval=1 if getattr(sys.stderr, "isatty", lambda: False)() else 30,
+               mininterval=1 if sys.stderr.isatty() else 30,
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}")
     t0, tokens, flops, step, log = time.time(), 0, torch.zeros((), dtype=torch.float64, device=acc.device), 0, []
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -590,11 +590,11 @@ def _loop(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int) -> Pat
         step += 1
         if step % 20 == 0 and acc.is_main_process:
             el = time.time() - t0
-            mfu = flops.item() / el / peak
+            mfu, loss_v = flops.item() / el / peak, loss.item()
             logger.info("step %d %s loss %.3f acc %.3f | %.0f tok/s, MFU %.1f%%%s | %.1f min%s", step, task,
-                        loss.item(), tok_acc.item(), tokens / el, 100 * mfu,
+                        loss_v, tok_acc.item(), tokens / el, 100 * mfu,
                         " in process 0" if acc.num_processes > 1 else "", el / 60, _peak_memory())
-            bar.set_postfix_str(f"step {step}, loss {loss.item():.3f}, {tokens / el:.0f} tok/s, MFU {100 * mfu:.1f}%")
+            bar.set_postfix_str(f"step {step}, loss {loss_v:.3f}, {tokens / el:.0f} tok/s, MFU {100 * mfu:.1f}%")
         if step % cfg.eval_every == 0 and acc.is_main_process and held is not None:
             with _phase("eval"):
                 ev = evaluate(bb, comp, held, batcher, cfg.eval_examples)
