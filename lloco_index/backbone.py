@@ -34,6 +34,8 @@ class Backbone:
         self.name_or_path = name_or_path
         self.lock = threading.RLock()
         self._peft = False
+        self._active: str | None = None  # the adapter ``use`` has switched to
+        self.train_stack = None  # a lean_llama.LeanStack while training: ``hidden_states`` runs through it
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, device=None, dtype=None) -> "Backbone":
@@ -113,7 +115,7 @@ class Backbone:
     def use(self, name: str | None) -> Iterator[None]:
         """Run the enclosed forward passes with adapter ``name`` (``None``: the plain base model)."""
         self._require(name)
-        with self.lock:
+        with self.lock, self._activate(None if name == BASE else name):
             if not self._peft:
                 yield
             elif name in (None, BASE):
@@ -125,6 +127,23 @@ class Backbone:
                 for n, p in self.model.named_parameters():  # set_adapter freezes the others
                     p.requires_grad_(n in trainable)
                 yield
+
+    @contextmanager
+    def _activate(self, name: str | None) -> Iterator[None]:
+        outer, self._active = self._active, name
+        try:
+            yield
+        finally:
+            self._active = outer
+
+    def hidden_states(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder stack's hidden states after the final norm, under the adapter ``use`` chose; no
+        vocabulary projection (for a small model the costliest matmul). Pass a mask only for padded rows."""
+        if self.train_stack is not None:
+            return self.train_stack(embeds, self._active, attention_mask, position_ids)
+        return self.model.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
+                                        position_ids=position_ids, use_cache=False).last_hidden_state
 
     def forward_mixed(self, adapters: list[str | None], **kwargs):
         """One forward pass where row i uses adapter ``adapters[i]`` (PEFT mixed-batch LoRA)."""

@@ -215,9 +215,11 @@ class ContextCompressor:
         width = max(len(s) for s in segments)
         n_prefix = 0 if prefix is None else prefix.shape[1]
         pad = bb.tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(s)) + s for s in segments], device=bb.device)
-        mask = torch.tensor([[0] * (width - len(s)) + [1] * (n_prefix + len(s) + k) for s in segments],
-                            device=bb.device)
+        # built on the host, copied without waiting for the GPU (a blocking copy would drain its queue)
+        ids = torch.tensor([[pad] * (width - len(s)) + s for s in segments]).to(bb.device, non_blocking=True)
+        padded = any(len(s) < width for s in segments)
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * (n_prefix + len(s) + k) for s in segments]
+                            ).to(bb.device, non_blocking=True) if padded else None
         summary = self.summary.to(bb.dtype).unsqueeze(0).expand(len(segments), -1, -1)
         tokens = bb.embed(ids)
         if prefix is not None:  # padding goes before the prefix: [pad, prefix, segment, summary]
@@ -225,13 +227,11 @@ class ContextCompressor:
             tokens = torch.stack([torch.cat([t[:width - len(s)], p, t[width - len(s):]])
                                   for t, p, s in zip(tokens, prefix, segments)])
         embeds = torch.cat([tokens, summary], dim=1)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = None if mask is None else (mask.cumsum(-1) - 1).clamp(min=0)  # counted from the first token
         with bb.use(self.encoder_adapter), torch.set_grad_enabled(grad):
-            # the decoder stack alone: its last_hidden_state is after the final norm, and the
-            # vocabulary projection (the costliest matmul for a small model) is skipped
-            out = bb.model.get_decoder()(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                                         use_cache=False)
-        return out.last_hidden_state[:, -k:]
+            # the decoder stack alone: hidden states after the final norm, no vocabulary projection
+            out = bb.hidden_states(embeds, attention_mask=mask, position_ids=positions)
+        return out[:, -k:]
 
     def _adapt(self, vectors: torch.Tensor) -> torch.Tensor:
         """Final hidden states at the summary positions -> the vectors the decoder reads."""

@@ -21,6 +21,7 @@ back to the transformers modules for anything else.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -176,20 +177,13 @@ class LeanLlama:
         ``[b, 1, 1, L]`` additive float for one decode token over the whole static cache.
         """
         b, t, hidden = x.shape
-        cos, sin = self.rotary(x, positions)  # [b, t, head_dim] in x's dtype
-        half = self.head_dim // 2
-        cos, sin = cos.unsqueeze(2), torch.cat([-sin[..., :half], sin[..., half:]], -1).unsqueeze(2)
+        cos, sin = _rope_tables(self.rotary, x, positions, self.head_dim)
         h = x.reshape(b * t, hidden)
-        qk_width = (self.heads + self.kv_heads) * self.head_dim
         for i, p in enumerate(self.layers):
             y = F.rms_norm(h, (hidden,), *p["ln1"])
-            qkv = p["qkv"](y)
-            qk = qkv[:, :qk_width].view(b, t, self.heads + self.kv_heads, self.head_dim)
-            v = qkv[:, qk_width:].view(b, t, self.kv_heads, self.head_dim)
-            # rotary once for q and k together: rotate_half(x) * sin = roll(x) * signed sin
-            qk = torch.addcmul(qk * cos, qk.roll(half, dims=-1), sin).transpose(1, 2)
-            keys, values = cache.layers[i].update(qk[:, self.heads:], v.transpose(1, 2))
-            out = self._attend(p, qk[:, :self.heads], keys, values, mask, split)
+            q, k, v = _heads(p["qkv"](y).view(b, t, -1), cos, sin, self.heads, self.kv_heads, self.head_dim)
+            keys, values = cache.layers[i].update(k, v)
+            out = self._attend(p, q, keys, values, mask, split)
             h = p["o_proj"](out.reshape(b * t, -1), add=h)
             y = F.rms_norm(h, (hidden,), *p["ln2"])
             gate, up = p["gate_up"](y).chunk(2, dim=-1)
@@ -199,18 +193,102 @@ class LeanLlama:
 
     def _attend(self, p: dict, q, keys, values, mask, split: int) -> torch.Tensor:
         """``[b, t, heads, head_dim]`` attention output."""
-        groups = self.heads // self.kv_heads
         if q.shape[2] == 1 and mask is not None and mask.dtype != torch.bool:
             out, _ = decode_attention(p["module"], q, keys, values, mask, scaling=p["scaling"], split=split)
             return out
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=p["scaling"],
-                                                 enable_gqa=groups > 1)
-        else:
-            if groups > 1:  # a mask takes the math kernel with enable_gqa: repeat the cache instead
-                keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=p["scaling"])
-        return out.transpose(1, 2)
+        return _prefill_attention(q, keys, values, mask, p["scaling"]).transpose(1, 2)
+
+
+def _rope_tables(rotary, x: torch.Tensor, positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin ``[b, t, 1, head_dim]``: rotate_half(x) * sin = roll(x) * signed sin."""
+    cos, sin = rotary(x, positions)  # [b, t, head_dim] in x's dtype
+    half = head_dim // 2
+    return cos.unsqueeze(2), torch.cat([-sin[..., :half], sin[..., half:]], -1).unsqueeze(2)
+
+
+def _heads(qkv: torch.Tensor, cos, sin, heads: int, kv_heads: int, head_dim: int):
+    """q ``[b, heads, t, d]``, k and v ``[b, kv_heads, t, d]`` from a fused ``[b, t, (heads + 2 kv) d]``
+    projection, with rotary applied once to q and k together."""
+    b, t, _ = qkv.shape
+    qk_width = (heads + kv_heads) * head_dim
+    qk = qkv[..., :qk_width].view(b, t, heads + kv_heads, head_dim)
+    v = qkv[..., qk_width:].view(b, t, kv_heads, head_dim)
+    qk = torch.addcmul(qk * cos, qk.roll(head_dim // 2, dims=-1), sin).transpose(1, 2)
+    return qk[:, :heads], qk[:, heads:], v.transpose(1, 2)
+
+
+def _prefill_attention(q, keys, values, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """Causal attention ``[b, heads, t, d]``: flash when ``mask`` is None, else with a ``prefill_mask``."""
+    groups = q.shape[1] // keys.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scaling, enable_gqa=groups > 1)
+    if groups > 1:  # a mask takes the math kernel with enable_gqa: repeat the cache instead
+        keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling)
+
+
+class LeanStack:
+    """The decoder stack for training: final-norm hidden states of whole sequences, differentiable.
+
+    Through the transformers modules and PEFT a pass costs thousands of small kernels and a cast of the
+    fp32 LoRA weights per activation. Here the adapter's weights are cast once per pass (differentiably:
+    gradients reach the fp32 weights), q/k/v and gate/up are one GEMM each, and with ``compile`` one
+    ``torch.compile``d layer function (the same graph for every layer: the weights are its arguments)
+    fuses norms, rotary and residuals."""
+
+    def __init__(self, model, compile: bool = False, checkpoint: bool = False):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        cfg = base.config
+        fuse_projections(model)
+        self.model, self.checkpoint = model, checkpoint
+        layer = partial(_train_layer, eps=base.model.layers[0].input_layernorm.variance_epsilon,
+                        heads=cfg.num_attention_heads, act=ACT2FN[cfg.hidden_act],
+                        kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+                        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+                        scaling=base.model.layers[0].self_attn.scaling)
+        if compile:  # a graph per (adapter's LoRA targets, grad mode, padding mask, batch of one) variant
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self.layer = torch.compile(layer, dynamic=True) if compile else layer
+
+    def __call__(self, x: torch.Tensor, adapter: str | None, mask: torch.Tensor | None = None,
+                 positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``[b, T, hidden]`` hidden states after the final norm. ``mask`` ``[b, T]`` (1 = token) only
+        when rows are padded, with their ``positions``; None is causal flash attention from position 0."""
+        lean = LeanLlama(self.model, adapter)  # weights as they are now, in this pass's graph
+        if positions is None:
+            positions = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+        cos, sin = _rope_tables(lean.rotary, x, positions, lean.head_dim)
+        attn_mask = None if mask is None else prefill_mask(mask)
+        h = x
+        for p in lean.layers:
+            args = (h, cos, sin, attn_mask, p["ln1"][0], p["ln2"][0],
+                    *(_parts(p[k]) for k in ("qkv", "o_proj", "gate_up", "down_proj")))
+            if self.checkpoint and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(self.layer, *args, use_reentrant=False)
+            else:
+                h = self.layer(*args)
+        return F.rms_norm(h, (h.shape[-1],), *lean.norm)
+
+
+def _parts(p: _Proj) -> tuple:
+    return p.w, p.bias, p.a, p.b
+
+
+def _linear(x: torch.Tensor, w, bias, a, b) -> torch.Tensor:
+    """``_Proj`` out of place (autograd keeps every input it saved)."""
+    y = F.linear(x, w, bias)
+    return y if a is None else y + F.linear(F.linear(x, a), b)
+
+
+def _train_layer(h, cos, sin, mask, ln1, ln2, qkv, o_proj, gate_up, down_proj, *, eps: float, heads: int,
+                 kv_heads: int, head_dim: int, scaling: float, act) -> torch.Tensor:
+    """One LLaMA layer over ``h`` ``[b, t, hidden]``, as ``LeanLlama`` computes it, without a cache."""
+    b, t, hidden = h.shape
+    q, k, v = _heads(_linear(F.rms_norm(h, (hidden,), ln1, eps), *qkv), cos, sin, heads, kv_heads, head_dim)
+    out = _prefill_attention(q, k, v, mask, scaling).transpose(1, 2).reshape(b, t, -1)
+    h = h + _linear(out, *o_proj)
+    gate, up = _linear(F.rms_norm(h, (hidden,), ln2, eps), *gate_up).chunk(2, dim=-1)
+    return h + _linear(act(gate) * up, *down_proj)
 
 
 def prefill_mask(mask: torch.Tensor) -> torch.Tensor | None:

@@ -91,6 +91,8 @@ class TrainConfig:
     seed: int = 0
     bf16: bool = True
     grad_checkpointing: bool = False  # recompute layer activations in backward: less memory, ~1/3 more compute
+    lean: bool = True  # run the stack through lean_llama.LeanStack (fewer, larger kernels) where the model allows
+    compile: bool = True  # on a GPU, torch.compile the lean layer (fused norms, rotary, residuals); ignored on CPU
     loss_chunk_tokens: int = 8192  # answer tokens per vocabulary-projection chunk (bounds the logits' memory)
 
     def __post_init__(self):
@@ -148,8 +150,23 @@ def setup_models(cfg: TrainConfig, device: torch.device, train_encoder: bool):
     comp.summary.requires_grad_(train_encoder)
     if cfg.grad_checkpointing:
         bb.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lean:
+        use_lean(bb, compile=cfg.compile and device.type == "cuda", checkpoint=cfg.grad_checkpointing)
     bb.model.train()
     return bb, comp
+
+
+def use_lean(bb: Backbone, compile: bool, checkpoint: bool) -> None:
+    """Route the training forward passes through ``LeanStack``, or say why the transformers modules stay."""
+    from .lean_llama import LeanStack, support
+
+    reasons = [r for a in bb.adapters if (r := support(bb.model, a))]
+    reasons += [f"adapter {a!r} has LoRA dropout (LeanStack has none)" for a in bb.adapters
+                if getattr(bb.model.peft_config[a], "lora_dropout", 0) > 0]
+    if reasons:
+        logger.info("training through the transformers modules: %s", reasons[0])
+        return
+    bb.train_stack = LeanStack(bb.model, compile=compile, checkpoint=checkpoint)
 
 
 # -- batches ---------------------------------------------------------------------------------
@@ -281,8 +298,8 @@ def step_flops(cost: Cost, summary_tokens: int, examples: list[Example], grad_bu
     recomputation is not counted). Each encoder segment (tokens + summary slots) runs forward; those with
     gradients also backward. Each decoder row, unpadded, runs forward and backward, with the vocabulary projection
     on its answer tokens only. The base weights are frozen, so a backward multiplies by each weight once (input
-    gradients; the LoRA weights' own are negligible) and runs attention twice. A 0-d float64 tensor on the
-    labels' device: reading it would wait for the GPU, so the loop reads the sum only when it logs."""
+    gradients; the LoRA weights' own are negligible) and runs attention twice. A 0-d float64 tensor; from the
+    batcher's labels (on the host) it is counted without waiting for the GPU."""
     def flops(tokens, logits, grad: bool):
         f = cost.forward_flops(tokens, logits)
         return 2 * f + 2 * cost.layers * cost.attn_dim * tokens * tokens if grad else f
@@ -325,25 +342,46 @@ def encoder_backward(comp: ContextCompressor, pairs: list[tuple[torch.Tensor, to
 
 
 class DecoderBatcher:
-    """Builds right-padded decoder inputs ``[chat prompt with vectors] + answer + EOS`` and labels."""
+    """Builds right-padded decoder inputs ``[chat prompt with vectors] + answer + EOS`` and labels.
+
+    The labels stay on the host, where ``answer_loss`` and ``step_flops`` read them without waiting for the
+    GPU. All text of a batch is embedded in one lookup after one copy: a copy per row, each waiting for the
+    GPU to drain its queue, left the training loop bound by the host."""
 
     def __init__(self, bb: Backbone):
         self.bb, self.gen = bb, Generator(bb)
         self.eos = bb.tokenizer.convert_tokens_to_ids("<|im_end|>")
         if not isinstance(self.eos, int) or self.eos == bb.tokenizer.unk_token_id:
             self.eos = bb.tokenizer.eos_token_id
+        self._ids: dict[str, list[int]] = {}  # the chat template's pieces recur in every row
+
+    def _tokens(self, text: str) -> list[int]:
+        if (ids := self._ids.get(text)) is None:
+            ids = self.bb.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(self._ids) < 10_000:
+                self._ids[text] = ids
+        return ids
 
     def __call__(self, vectors: list[list[torch.Tensor]], questions: list[str], answers: list[list[int]]):
+        ids: list[int] = []  # every text token of the batch, embedded at once
         rows, label_rows = [], []
         for vecs, q, ans in zip(vectors, questions, answers):
-            pieces = self.gen.chat_pieces(qa_pieces(vecs, q), system=SYSTEM_PROMPT)
-            prompt = self.gen.embed_pieces(pieces)  # grads flow into the vectors
-            target = torch.tensor(ans + [self.eos], device=self.bb.device)
-            rows.append(torch.cat([prompt, self.bb.embed(target)]))
-            label_rows.append(torch.cat([torch.full((prompt.shape[0],), -100, device=self.bb.device), target]))
-        width = max(r.shape[0] for r in rows)
-        x = torch.stack([F.pad(r, (0, 0, 0, width - r.shape[0])) for r in rows])
-        labels = torch.stack([F.pad(lab, (0, width - lab.shape[0]), value=-100) for lab in label_rows])
+            parts, n = [], 0  # vector tensors and (start, end) spans of ``ids``
+            for piece in [*self.gen.chat_pieces(qa_pieces(vecs, q), system=SYSTEM_PROMPT), ans + [self.eos]]:
+                if isinstance(piece, torch.Tensor):
+                    parts.append(piece)
+                else:
+                    piece = piece if isinstance(piece, list) else self._tokens(piece)
+                    parts.append((len(ids), len(ids) + len(piece)))
+                    ids += piece
+                n += len(piece)
+            rows.append(parts)
+            label_rows.append([-100] * (n - len(ans) - 1) + ans + [self.eos])
+        emb = self.bb.embed(torch.tensor(ids).to(self.bb.device, non_blocking=True))
+        x = torch.nn.utils.rnn.pad_sequence(
+            [torch.cat([emb[p[0]:p[1]] if isinstance(p, tuple) else p.to(emb.dtype) for p in parts]) for parts in rows],
+            batch_first=True)
+        labels = torch.tensor([lab + [-100] * (x.shape[1] - len(lab)) for lab in label_rows])
         return x, labels
 
 
@@ -352,12 +390,15 @@ def answer_loss(bb: Backbone, x: torch.Tensor, labels: torch.Tensor,
     """Mean CE over answer tokens (and token accuracy); logits only where there is a label.
 
     The vocabulary projection runs ``chunk_tokens`` rows at a time under activation checkpointing, so a
-    step of 256 autoencoded 512-token chunks never holds its 131k x 49k fp32 logits (26 GB) at once."""
+    step of 256 autoencoded 512-token chunks never holds its 131k x 49k fp32 logits (26 GB) at once.
+    Labels on the host (the batcher's) select the answer positions without a GPU sync."""
     with bb.use(DECODER_ADAPTER):
-        hidden = bb.model.get_decoder()(inputs_embeds=x, use_cache=False).last_hidden_state  # right pad: causal only
-    target = labels[:, 1:]
-    sel = target != -100
-    h, t = hidden[:, :-1][sel], target[sel]
+        hidden = bb.hidden_states(x)  # right pad: causal only
+    labels = labels.cpu()
+    rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)  # position j predicts label j + 1
+    where = (rows * hidden.shape[1] + cols).to(hidden.device, non_blocking=True)
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, where)
+    t = labels[rows, cols + 1].to(hidden.device, non_blocking=True)
     head = bb.model.get_output_embeddings()
     ce = partial(checkpoint, _ce_sum, use_reentrant=False) if torch.is_grad_enabled() else _ce_sum
     parts = [ce(head, h[i:i + chunk_tokens], t[i:i + chunk_tokens]) for i in range(0, t.shape[0], chunk_tokens)]
@@ -550,7 +591,8 @@ def _loop(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int) -> Pat
     bar = tqdm(total=100, desc="train", disable=not acc.is_main_process,  # % of steps or of the time budget
                mininterval=1 if sys.stderr.isatty() else 30,
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}")
-    t0, tokens, flops, step, log = time.time(), 0, torch.zeros((), dtype=torch.float64, device=acc.device), 0, []
+    t0, tokens, flops, step, log = time.time(), 0, 0.0, 0, []
+    mark = warm = (t0, 0, 0.0)  # (time, tokens, flops) at the last log line, and at the first (compiling is over)
     params = [p for g in opt.param_groups for p in g["params"]]
     if acc.num_processes > 1:  # replicas start from process 0's weights, whatever their own initialisation did
         from accelerate.utils import broadcast
@@ -586,15 +628,17 @@ def _loop(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int) -> Pat
             opt.step()
             opt.zero_grad(set_to_none=True)
         tokens += sum(len(c) for e in exs for c in e.chunks) + x.shape[0] * x.shape[1]  # encoder + decoder
-        flops += step_flops(cost, comp.config.summary_tokens, exs, cfg.grad_segments, labels)
+        flops += float(step_flops(cost, comp.config.summary_tokens, exs, cfg.grad_segments, labels))
         step += 1
         if step % 20 == 0 and acc.is_main_process:
-            el = time.time() - t0
-            mfu, loss_v = flops.item() / el / peak, loss.item()
-            logger.info("step %d %s loss %.3f acc %.3f | %.0f tok/s, MFU %.1f%%%s | %.1f min%s", step, task,
-                        loss_v, tok_acc.item(), tokens / el, 100 * mfu,
-                        " in process 0" if acc.num_processes > 1 else "", el / 60, _peak_memory())
-            bar.set_postfix_str(f"step {step}, loss {loss_v:.3f}, {tokens / el:.0f} tok/s, MFU {100 * mfu:.1f}%")
+            loss_v, acc_v = loss.item(), tok_acc.item()  # waits for the GPU: the window below is timed exactly
+            now = time.time()
+            rate, mfu = (tokens - mark[1]) / (now - mark[0]), (flops - mark[2]) / (now - mark[0]) / peak
+            mark, warm = (now, tokens, flops), warm if step > 20 else (now, tokens, flops)
+            logger.info("step %d %s loss %.3f acc %.3f | %.0f tok/s, MFU %.1f%% (last 20 steps%s) | %.1f min%s",
+                        step, task, loss_v, acc_v, rate, 100 * mfu, ", process 0" if acc.num_processes > 1 else "",
+                        (now - t0) / 60, _peak_memory())
+            bar.set_postfix_str(f"step {step}, loss {loss_v:.3f}, {rate:.0f} tok/s, MFU {100 * mfu:.1f}%")
         if step % cfg.eval_every == 0 and acc.is_main_process and held is not None:
             with _phase("eval"):
                 ev = evaluate(bb, comp, held, batcher, cfg.eval_examples)
@@ -604,7 +648,11 @@ def _loop(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int) -> Pat
             save_checkpoint(bb, comp, out, cfg, {"step": step, "eval": log})
     bar.update(bar.total - bar.n)
     bar.close()
-    el, flops = time.time() - t0, flops.item()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # the time below includes all queued work
+    el = time.time() - t0
+    after_warm = {"mfu_after_step_20": round((flops - warm[2]) / (time.time() - warm[0]) / peak, 6)} \
+        if warm[0] > t0 and acc.num_processes == 1 else {}  # the first 20 steps compile and tune kernels
     sync = {}
     if acc.num_processes > 1:  # throughput of all processes together; replicas that drifted apart are reported
         tokens, flops = int(_across(acc, tokens, "sum")), _across(acc, flops, "sum")
@@ -614,8 +662,10 @@ def _loop(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int) -> Pat
         final = evaluate(bb, comp, held, batcher, cfg.eval_examples) if held is not None else {}
         log.append({"step": step, "minutes": round(el / 60, 2), **final})
         speed = {"tokens_per_s": round(tokens / el), "seconds": round(el), "mfu": round(flops / el / peak, 6),
-                 "model_tflops_per_s": round(flops / el / 1e12, 6), "peak_tflops_per_s": round(peak / 1e12, 6)}
+                 "model_tflops_per_s": round(flops / el / 1e12, 6), "peak_tflops_per_s": round(peak / 1e12, 6),
+                 **after_warm}
         save_checkpoint(bb, comp, out, cfg, {"step": step, "eval": log, "tokens": tokens, **sync, **speed})
-        logger.info("done: %d steps, %.0f tok/s, MFU %.1f%%%s, final eval %s", step, tokens / el,
-                    100 * flops / el / peak, _peak_memory(), final)
+        logger.info("done: %d steps, %.0f tok/s, MFU %.1f%% (%s after step 20)%s, final eval %s", step, tokens / el,
+                    100 * flops / el / peak, f"{100 * after_warm['mfu_after_step_20']:.1f}%" if after_warm else "-",
+                    _peak_memory(), final)
     return out

@@ -2,12 +2,13 @@
 # Do the vectors carry the text? Short from-scratch compressor runs, each followed by the vector ablation
 # (own vectors vs another example's vs none, teacher-forced; scripts/vector_ablation.py) on qa and ae.
 #   bash scripts/device/vector_gate.sh MINUTES NAME "TRAIN FLAGS" [NAME "TRAIN FLAGS" ...]
-# Needs the corpus at $DATA/corpus.npz (DATA defaults to /root/data); TASKS (default "qa ae") picks the ablations. Per run, $OUT/gate_<NAME>.tgz holds
+# Needs the corpus at $DATA/corpus.npz (DATA defaults to /root/data); TASKS (default "qa ae") picks the ablations
+# (TASKS="" for throughput runs: the log lines give tokens/s and MFU of the last 20 steps, and of the run). Per run, $OUT/gate_<NAME>.tgz holds
 # the adapters, training_state.json, the training log and the ablation JSONs; summary lines land in $OUT/gate.log.
 # A later run can continue an earlier one of the same call batch: --init_from /root/gate/<NAME>/ckpt.
 set -o pipefail
 source scripts/device/setup.sh
-DATA=${DATA:-/root/data}; minutes=$1; shift; TASKS=${TASKS:-qa ae}
+DATA=${DATA:-/root/data}; minutes=$1; shift; TASKS=${TASKS-qa ae}
 while [ $# -ge 2 ]; do
   name=$1; flags=$2; shift 2; run=/root/gate/$name; mkdir -p $run
   echo "== $name: $flags" | tee -a $OUT/gate.log
