@@ -206,14 +206,20 @@ def _rope_tables(rotary, x: torch.Tensor, positions: torch.Tensor, head_dim: int
     return cos.unsqueeze(2), torch.cat([-sin[..., :half], sin[..., half:]], -1).unsqueeze(2)
 
 
+def _rope_qk(qkv: torch.Tensor, cos, sin, heads: int, kv_heads: int, head_dim: int):
+    """Rotated q and k together ``[..., heads + kv_heads, d]`` and v ``[..., kv_heads, d]`` from a fused
+    ``[..., (heads + 2 kv) d]`` projection (any leading dimensions; ``cos``/``sin`` broadcast over heads)."""
+    lead, qk_width = qkv.shape[:-1], (heads + kv_heads) * head_dim
+    qk = qkv[..., :qk_width].view(*lead, heads + kv_heads, head_dim)
+    v = qkv[..., qk_width:].view(*lead, kv_heads, head_dim)
+    return torch.addcmul(qk * cos, qk.roll(head_dim // 2, dims=-1), sin), v
+
+
 def _heads(qkv: torch.Tensor, cos, sin, heads: int, kv_heads: int, head_dim: int):
     """q ``[b, heads, t, d]``, k and v ``[b, kv_heads, t, d]`` from a fused ``[b, t, (heads + 2 kv) d]``
     projection, with rotary applied once to q and k together."""
-    b, t, _ = qkv.shape
-    qk_width = (heads + kv_heads) * head_dim
-    qk = qkv[..., :qk_width].view(b, t, heads + kv_heads, head_dim)
-    v = qkv[..., qk_width:].view(b, t, kv_heads, head_dim)
-    qk = torch.addcmul(qk * cos, qk.roll(head_dim // 2, dims=-1), sin).transpose(1, 2)
+    qk, v = _rope_qk(qkv, cos, sin, heads, kv_heads, head_dim)
+    qk = qk.transpose(1, 2)
     return qk[:, :heads], qk[:, heads:], v.transpose(1, 2)
 
 
@@ -232,42 +238,57 @@ class LeanStack:
 
     Through the transformers modules and PEFT a pass costs thousands of small kernels and a cast of the
     fp32 LoRA weights per activation. Here the adapter's weights are cast once per pass (differentiably:
-    gradients reach the fp32 weights), q/k/v and gate/up are one GEMM each, and with ``compile`` one
-    ``torch.compile``d layer function (the same graph for every layer: the weights are its arguments)
-    fuses norms, rotary and residuals."""
+    gradients reach the fp32 weights), q/k/v and gate/up are one GEMM each, and with ``compile`` the
+    token-wise parts of a layer (norms, projections, rotary, MLP, residuals) are two ``torch.compile``d
+    functions of ``[tokens, hidden]`` tensors: one graph for every layer (the weights are arguments) and
+    every batch shape. Attention runs between them, uncompiled."""
 
     def __init__(self, model, compile: bool = False, checkpoint: bool = False):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         cfg = base.config
         fuse_projections(model)
         self.model, self.checkpoint = model, checkpoint
-        layer = partial(_train_layer, eps=base.model.layers[0].input_layernorm.variance_epsilon,
-                        heads=cfg.num_attention_heads, act=ACT2FN[cfg.hidden_act],
-                        kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
-                        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
-                        scaling=base.model.layers[0].self_attn.scaling)
-        if compile:  # a graph per (adapter's LoRA targets, grad mode, padding mask, batch of one) variant
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        eps = base.model.layers[0].input_layernorm.variance_epsilon
+        self.scaling = base.model.layers[0].self_attn.scaling
+        attn_in = partial(_attn_in, eps=eps, heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim)
+        attn_out = partial(_attn_out_mlp, eps=eps, act=ACT2FN[cfg.hidden_act])
+        if compile:  # a graph per (adapter's LoRA targets, grad mode) variant
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self.layer = torch.compile(layer, dynamic=True) if compile else layer
+            attn_in, attn_out = torch.compile(attn_in, dynamic=True), torch.compile(attn_out, dynamic=True)
+        self.attn_in, self.attn_out = attn_in, attn_out
 
     def __call__(self, x: torch.Tensor, adapter: str | None, mask: torch.Tensor | None = None,
                  positions: torch.Tensor | None = None) -> torch.Tensor:
         """``[b, T, hidden]`` hidden states after the final norm. ``mask`` ``[b, T]`` (1 = token) only
-        when rows are padded, with their ``positions``; None is causal flash attention from position 0."""
-        lean = LeanLlama(self.model, adapter)  # weights as they are now, in this pass's graph
-        if positions is None:
-            positions = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
-        cos, sin = _rope_tables(lean.rotary, x, positions, lean.head_dim)
-        attn_mask = None if mask is None else prefill_mask(mask)
-        h = x
-        for p in lean.layers:
-            args = (h, cos, sin, attn_mask, p["ln1"][0], p["ln2"][0],
-                    *(_parts(p[k]) for k in ("qkv", "o_proj", "gate_up", "down_proj")))
-            if self.checkpoint and torch.is_grad_enabled():
-                h = torch.utils.checkpoint.checkpoint(self.layer, *args, use_reentrant=False)
-            else:
-                h = self.layer(*args)
-        return F.rms_norm(h, (h.shape[-1],), *lean.norm)
+        when rows are padded, with their ``positions``; None is causal flash attention from position 0.
+        Runs in the model's dtype whatever autocast says (the weights are cast already)."""
+        b, t, hidden = x.shape
+        with torch.autocast(x.device.type, enabled=False):
+            lean = LeanLlama(self.model, adapter)  # weights as they are now, in this pass's graph
+            if positions is None:
+                positions = torch.arange(t, device=x.device).unsqueeze(0)
+            cos, sin = (c.expand(b, -1, -1, -1).reshape(b * t, 1, -1)
+                        for c in _rope_tables(lean.rotary, x, positions, self.head_dim))
+            attn_mask = None if mask is None else prefill_mask(mask)
+            h = x.reshape(b * t, hidden)
+            for p in lean.layers:
+                args = (h, (b, t), cos, sin, attn_mask, p)
+                if self.checkpoint and torch.is_grad_enabled():
+                    h = torch.utils.checkpoint.checkpoint(self._layer, *args, use_reentrant=False)
+                else:
+                    h = self._layer(*args)
+            return F.rms_norm(h, (hidden,), *lean.norm).view(b, t, hidden)
+
+    def _layer(self, h: torch.Tensor, bt: tuple[int, int], cos, sin, mask, p: dict) -> torch.Tensor:
+        qk, v = self.attn_in(h, cos, sin, p["ln1"][0], _parts(p["qkv"]))
+        b, t = bt
+        qk, v = qk.view(b, t, -1, self.head_dim).transpose(1, 2), v.view(b, t, -1, self.head_dim).transpose(1, 2)
+        out = _prefill_attention(qk[:, :self.heads], qk[:, self.heads:], v, mask, self.scaling)
+        out = out.transpose(1, 2).reshape(b * t, -1)
+        return self.attn_out(h, out, p["ln2"][0], _parts(p["o_proj"]), _parts(p["gate_up"]), _parts(p["down_proj"]))
 
 
 def _parts(p: _Proj) -> tuple:
@@ -280,14 +301,15 @@ def _linear(x: torch.Tensor, w, bias, a, b) -> torch.Tensor:
     return y if a is None else y + F.linear(F.linear(x, a), b)
 
 
-def _train_layer(h, cos, sin, mask, ln1, ln2, qkv, o_proj, gate_up, down_proj, *, eps: float, heads: int,
-                 kv_heads: int, head_dim: int, scaling: float, act) -> torch.Tensor:
-    """One LLaMA layer over ``h`` ``[b, t, hidden]``, as ``LeanLlama`` computes it, without a cache."""
-    b, t, hidden = h.shape
-    q, k, v = _heads(_linear(F.rms_norm(h, (hidden,), ln1, eps), *qkv), cos, sin, heads, kv_heads, head_dim)
-    out = _prefill_attention(q, k, v, mask, scaling).transpose(1, 2).reshape(b, t, -1)
-    h = h + _linear(out, *o_proj)
-    gate, up = _linear(F.rms_norm(h, (hidden,), ln2, eps), *gate_up).chunk(2, dim=-1)
+def _attn_in(h, cos, sin, ln1, qkv, *, eps: float, heads: int, kv_heads: int, head_dim: int):
+    """Tokens ``[n, hidden]`` -> rotated q and k ``[n, heads + kv_heads, d]`` and v ``[n, kv_heads, d]``."""
+    return _rope_qk(_linear(F.rms_norm(h, (h.shape[-1],), ln1, eps), *qkv), cos, sin, heads, kv_heads, head_dim)
+
+
+def _attn_out_mlp(h, attn, ln2, o_proj, gate_up, down_proj, *, eps: float, act) -> torch.Tensor:
+    """The rest of a layer, token by token: output projection, residual, MLP, residual."""
+    h = h + _linear(attn, *o_proj)
+    gate, up = _linear(F.rms_norm(h, (h.shape[-1],), ln2, eps), *gate_up).chunk(2, dim=-1)
     return h + _linear(act(gate) * up, *down_proj)
 
 

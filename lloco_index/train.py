@@ -507,7 +507,7 @@ def train_compressor(cfg: TrainConfig, held_out_eval: bool = True) -> Path:
     batcher = DecoderBatcher(bb)
     lora = [p for n, p in bb.model.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": lora, "lr": cfg.lr}, {"params": [comp.summary], "lr": cfg.summary_lr}],
-                            weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+                            weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=acc.device.type == "cuda")
     return _loop(cfg, acc, bb, comp, opt, sampler.step, held if held_out_eval else None, batcher, cfg.max_steps)
 
 
@@ -548,7 +548,8 @@ def train_finetune(cfg: TrainConfig) -> Path:
         return "finetune", batch
 
     lora = [p for p in bb.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": lora, "lr": cfg.lr}], weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW([{"params": lora, "lr": cfg.lr}], weight_decay=cfg.weight_decay,
+                            fused=acc.device.type == "cuda")
     total = min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     return _loop(cfg, acc, bb, comp, opt, next_batch, None, DecoderBatcher(bb), total)
 
@@ -583,6 +584,15 @@ def _in_sync(acc, params: list[torch.Tensor]) -> bool:
 
 
 def _loop(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int) -> Path:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # cuDNN attention cost ~2 ms of host time per call in the H100 profile (docs/training.md), more than its
+    # kernel: with a few hundred calls a step the loop waited on it. Flash attention launches in microseconds.
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        return _steps(cfg, acc, bb, comp, opt, next_batch, held, batcher, total)
+
+
+def _steps(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int) -> Path:
     from tqdm.auto import tqdm
 
     out = Path(cfg.out_dir)
