@@ -21,7 +21,6 @@ back to the transformers modules for anything else.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -251,14 +250,13 @@ class LeanStack:
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        eps = base.model.layers[0].input_layernorm.variance_epsilon
+        self.eps = base.model.layers[0].input_layernorm.variance_epsilon
         self.scaling = base.model.layers[0].self_attn.scaling
-        attn_in = partial(_attn_in, eps=eps, heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim)
-        attn_out = partial(_attn_out_mlp, eps=eps, act=ACT2FN[cfg.hidden_act])
-        if compile:  # a graph per (adapter's LoRA targets, grad mode) variant
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            attn_in, attn_out = torch.compile(attn_in, dynamic=True), torch.compile(attn_out, dynamic=True)
-        self.attn_in, self.attn_out = attn_in, attn_out
+        self.act = ACT2FN[cfg.hidden_act]
+        # compiled as plain functions (a functools.partial would share one graph cache between the two):
+        # a graph each per (adapter's LoRA targets, grad mode) variant
+        self.attn_in, self.attn_out = ((torch.compile(_attn_in, dynamic=True), torch.compile(_attn_out_mlp, dynamic=True))
+                                       if compile else (_attn_in, _attn_out_mlp))
 
     def __call__(self, x: torch.Tensor, adapter: str | None, mask: torch.Tensor | None = None,
                  positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -273,7 +271,7 @@ class LeanStack:
             cos, sin = (c.expand(b, -1, -1, -1).reshape(b * t, 1, -1)
                         for c in _rope_tables(lean.rotary, x, positions, self.head_dim))
             attn_mask = None if mask is None else prefill_mask(mask)
-            h = x.reshape(b * t, hidden)
+            h = x.reshape(b * t, hidden).clone()  # not a view of the input: compiled graphs would guard on its base
             for p in lean.layers:
                 args = (h, (b, t), cos, sin, attn_mask, p)
                 if self.checkpoint and torch.is_grad_enabled():
@@ -283,12 +281,16 @@ class LeanStack:
             return F.rms_norm(h, (hidden,), *lean.norm).view(b, t, hidden)
 
     def _layer(self, h: torch.Tensor, bt: tuple[int, int], cos, sin, mask, p: dict) -> torch.Tensor:
-        qk, v = self.attn_in(h, cos, sin, p["ln1"][0], _parts(p["qkv"]))
+        qk, v = self.attn_in(h, cos, sin, p["ln1"][0], _parts(p["qkv"]), self.eps, self.heads, self.kv_heads,
+                             self.head_dim)
         b, t = bt
         qk, v = qk.view(b, t, -1, self.head_dim).transpose(1, 2), v.view(b, t, -1, self.head_dim).transpose(1, 2)
         out = _prefill_attention(qk[:, :self.heads], qk[:, self.heads:], v, mask, self.scaling)
-        out = out.transpose(1, 2).reshape(b * t, -1)
-        return self.attn_out(h, out, p["ln2"][0], _parts(p["o_proj"]), _parts(p["gate_up"]), _parts(p["down_proj"]))
+        # [b * t, heads * d], always a copy: the attention kernels return a layout where this is sometimes a view,
+        # and a compiled graph guards on a view's base (a second graph for the same shapes)
+        out = out.transpose(1, 2).reshape(b * t, -1).clone()
+        return self.attn_out(h, out, p["ln2"][0], _parts(p["o_proj"]), _parts(p["gate_up"]), _parts(p["down_proj"]),
+                             self.eps, self.act)
 
 
 def _parts(p: _Proj) -> tuple:
@@ -301,12 +303,12 @@ def _linear(x: torch.Tensor, w, bias, a, b) -> torch.Tensor:
     return y if a is None else y + F.linear(F.linear(x, a), b)
 
 
-def _attn_in(h, cos, sin, ln1, qkv, *, eps: float, heads: int, kv_heads: int, head_dim: int):
+def _attn_in(h, cos, sin, ln1, qkv, eps: float, heads: int, kv_heads: int, head_dim: int):
     """Tokens ``[n, hidden]`` -> rotated q and k ``[n, heads + kv_heads, d]`` and v ``[n, kv_heads, d]``."""
     return _rope_qk(_linear(F.rms_norm(h, (h.shape[-1],), ln1, eps), *qkv), cos, sin, heads, kv_heads, head_dim)
 
 
-def _attn_out_mlp(h, attn, ln2, o_proj, gate_up, down_proj, *, eps: float, act) -> torch.Tensor:
+def _attn_out_mlp(h, attn, ln2, o_proj, gate_up, down_proj, eps: float, act) -> torch.Tensor:
     """The rest of a layer, token by token: output projection, residual, MLP, residual."""
     h = h + _linear(attn, *o_proj)
     gate, up = _linear(F.rms_norm(h, (h.shape[-1],), ln2, eps), *gate_up).chunk(2, dim=-1)

@@ -174,6 +174,25 @@ def test_lean_stack_matches_the_transformers_modules(tiny_model_dir, padded, com
     bb.train_stack = None
 
 
+def test_compiled_lean_stack_compiles_once_for_every_batch_shape(tiny_model_dir):
+    """Training steps change shape every step (chunks per context, answer lengths): the two compiled halves
+    of a layer must not recompile for each, or compiling eats the run (a P5 run once did 2 steps in 112 s)."""
+    from torch._dynamo.utils import counters
+
+    from lloco_index.backbone import Backbone
+    from lloco_index.lean_llama import LeanStack
+
+    bb = Backbone.from_pretrained(str(tiny_model_dir), device="cpu")
+    bb.add_adapter(DECODER_ADAPTER, _lora(2, 4, TrainConfig.decoder_targets))
+    bb.train_stack = LeanStack(bb.model, compile=True)
+    graphs = []
+    for b, t in ((2, 12), (3, 7), (1, 20), (4, 33)):
+        with bb.use(DECODER_ADAPTER):
+            bb.hidden_states(torch.randn(b, t, bb.hidden_size, requires_grad=True)).square().sum().backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1:] == [graphs[0]] * 3  # the first shape compiled both halves (or found them compiled)
+
+
 def test_training_takes_the_lean_stack_unless_an_adapter_needs_dropout(tiny_model_dir, corpus_file, caplog):
     cfg = tiny_cfg(tiny_model_dir, corpus_file, Path("unused"))
     assert setup_models(cfg, torch.device("cpu"), train_encoder=True)[0].train_stack is not None
