@@ -282,8 +282,8 @@ def section_finetune(ctx: Ctx, out: dict) -> None:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if ctx.device.type == "cuda" else nullcontext()
 
     def batch_for(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        labels = torch.full(x.shape[:2], -100, device=ctx.device)
-        labels[:, -c.answer_tokens:] = ctx.rand_ids(c.answer_tokens, x.shape[0])
+        labels = torch.full(x.shape[:2], -100)  # on the host, as the training batcher gives them (no sync)
+        labels[:, -c.answer_tokens:] = ctx.rand_ids(c.answer_tokens, x.shape[0]).cpu()
         return x, labels
 
     def step(x, labels):
