@@ -4,7 +4,8 @@
 #   bash scripts/device/vector_gate.sh MINUTES NAME "TRAIN FLAGS" [NAME "TRAIN FLAGS" ...]
 # Needs the corpus at $DATA/corpus.npz (DATA defaults to /root/data); TASKS (default "qa ae") picks the ablations
 # (TASKS="" for throughput runs: the log lines give tokens/s and MFU of the last 20 steps, and of the run). Per run, $OUT/gate_<NAME>.tgz holds
-# the adapters, training_state.json, the training log and the ablation JSONs; summary lines land in $OUT/gate.log.
+# the adapters, training_state.json, the training log and the ablation JSONs; step lines land in $OUT/gate.log as
+# they are logged, then the ablation summaries.
 # A later run can continue an earlier one of the same call batch: --init_from /root/gate/<NAME>/ckpt.
 set -o pipefail
 source scripts/device/setup.sh
@@ -14,8 +15,9 @@ while [ $# -ge 2 ]; do
   echo "== $name: $flags" | tee -a $OUT/gate.log
   # shellcheck disable=SC2086  # flags are meant to split
   python3 -m lloco_index.cli train compressor --corpus $DATA/corpus.npz --out_dir $run/ckpt --max_minutes "$minutes" \
-    --eval_every 100000 --save_every 100000 $flags 2>&1 | grep -v -E "Loading weights|it/s\]" > $run/train.log
-  grep -E "step [0-9]*0 |done|Error" $run/train.log | tail -3 | tee -a $OUT/gate.log
+    --eval_every 100000 --save_every 100000 $flags 2>&1 | grep --line-buffered -v -E "Loading weights|it/s\]" \
+    | tee $run/train.log | grep --line-buffered -E "step [0-9]+ |done|Error|Traceback" | sed -u 's/.*INFO/INFO/' \
+    >> $OUT/gate.log  # live: a call that runs out of time still returns its step lines
   for task in $TASKS; do
     python3 scripts/vector_ablation.py --corpus $DATA/corpus.npz --init_from $run/ckpt --task $task --n 32 \
       --out $run/ablation_$task.json 2>&1 | grep -E "loss|Error" | sed "s/^/$task  /" | tee -a $OUT/gate.log
