@@ -243,16 +243,7 @@ class LeanStack:
     every batch shape. Attention runs between them, uncompiled."""
 
     def __init__(self, model, compile: bool = False, checkpoint: bool = False):
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        cfg = base.config
-        fuse_projections(model)
         self.model, self.checkpoint = model, checkpoint
-        self.heads = cfg.num_attention_heads
-        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.eps = base.model.layers[0].input_layernorm.variance_epsilon
-        self.scaling = base.model.layers[0].self_attn.scaling
-        self.act = ACT2FN[cfg.hidden_act]
         # compiled as plain functions (a functools.partial would share one graph cache between the two):
         # a graph each per (adapter's LoRA targets, grad mode) variant
         self.attn_in, self.attn_out = ((torch.compile(_attn_in, dynamic=True), torch.compile(_attn_out_mlp, dynamic=True))
@@ -269,28 +260,27 @@ class LeanStack:
             if positions is None:
                 positions = torch.arange(t, device=x.device).unsqueeze(0)
             cos, sin = (c.expand(b, -1, -1, -1).reshape(b * t, 1, -1)
-                        for c in _rope_tables(lean.rotary, x, positions, self.head_dim))
+                        for c in _rope_tables(lean.rotary, x, positions, lean.head_dim))
             attn_mask = None if mask is None else prefill_mask(mask)
             h = x.reshape(b * t, hidden).clone()  # not a view of the input: compiled graphs would guard on its base
             for p in lean.layers:
-                args = (h, (b, t), cos, sin, attn_mask, p)
+                args = (h, lean, (b, t), cos, sin, attn_mask, p)
                 if self.checkpoint and torch.is_grad_enabled():
                     h = torch.utils.checkpoint.checkpoint(self._layer, *args, use_reentrant=False)
                 else:
                     h = self._layer(*args)
             return F.rms_norm(h, (hidden,), *lean.norm).view(b, t, hidden)
 
-    def _layer(self, h: torch.Tensor, bt: tuple[int, int], cos, sin, mask, p: dict) -> torch.Tensor:
-        qk, v = self.attn_in(h, cos, sin, p["ln1"][0], _parts(p["qkv"]), self.eps, self.heads, self.kv_heads,
-                             self.head_dim)
-        b, t = bt
-        qk, v = qk.view(b, t, -1, self.head_dim).transpose(1, 2), v.view(b, t, -1, self.head_dim).transpose(1, 2)
-        out = _prefill_attention(qk[:, :self.heads], qk[:, self.heads:], v, mask, self.scaling)
+    def _layer(self, h: torch.Tensor, lean: LeanLlama, bt: tuple[int, int], cos, sin, mask, p: dict) -> torch.Tensor:
+        qk, v = self.attn_in(h, cos, sin, *p["ln1"], _parts(p["qkv"]), lean.heads, lean.kv_heads, lean.head_dim)
+        (b, t), d = bt, lean.head_dim
+        qk, v = qk.view(b, t, -1, d).transpose(1, 2), v.view(b, t, -1, d).transpose(1, 2)
+        out = _prefill_attention(qk[:, :lean.heads], qk[:, lean.heads:], v, mask, p["scaling"])
         # [b * t, heads * d], always a copy: the attention kernels return a layout where this is sometimes a view,
         # and a compiled graph guards on a view's base (a second graph for the same shapes)
         out = out.transpose(1, 2).reshape(b * t, -1).clone()
-        return self.attn_out(h, out, p["ln2"][0], _parts(p["o_proj"]), _parts(p["gate_up"]), _parts(p["down_proj"]),
-                             self.eps, self.act)
+        return self.attn_out(h, out, *p["ln2"], _parts(p["o_proj"]), _parts(p["gate_up"]), _parts(p["down_proj"]),
+                             lean.act)
 
 
 def _parts(p: _Proj) -> tuple:
@@ -303,12 +293,12 @@ def _linear(x: torch.Tensor, w, bias, a, b) -> torch.Tensor:
     return y if a is None else y + F.linear(F.linear(x, a), b)
 
 
-def _attn_in(h, cos, sin, ln1, qkv, eps: float, heads: int, kv_heads: int, head_dim: int):
+def _attn_in(h, cos, sin, ln1, eps: float, qkv, heads: int, kv_heads: int, head_dim: int):
     """Tokens ``[n, hidden]`` -> rotated q and k ``[n, heads + kv_heads, d]`` and v ``[n, kv_heads, d]``."""
     return _rope_qk(_linear(F.rms_norm(h, (h.shape[-1],), ln1, eps), *qkv), cos, sin, heads, kv_heads, head_dim)
 
 
-def _attn_out_mlp(h, attn, ln2, o_proj, gate_up, down_proj, eps: float, act) -> torch.Tensor:
+def _attn_out_mlp(h, attn, ln2, eps: float, o_proj, gate_up, down_proj, act) -> torch.Tensor:
     """The rest of a layer, token by token: output projection, residual, MLP, residual."""
     h = h + _linear(attn, *o_proj)
     gate, up = _linear(F.rms_norm(h, (h.shape[-1],), ln2, eps), *gate_up).chunk(2, dim=-1)

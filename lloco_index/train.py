@@ -663,7 +663,7 @@ def _steps(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int) -> Pa
     if torch.cuda.is_available():
         torch.cuda.synchronize()  # the time below includes all queued work
     el = time.time() - t0
-    after_warm = {"mfu_after_step_20": round((flops - warm[2]) / (time.time() - warm[0]) / peak, 6)} \
+    after_warm = {"mfu_after_step_20": round((flops - warm[2]) / (t0 + el - warm[0]) / peak, 6)} \
         if warm[0] > t0 and acc.num_processes == 1 else {}  # the first 20 steps compile and tune kernels
     sync = {}
     if acc.num_processes > 1:  # throughput of all processes together; replicas that drifted apart are reported
