@@ -28,6 +28,9 @@ _TASKS = ["sign the contracts", "test the engines", "paint the hangar", "hire tw
           "feed the goats", "update the maps", "wash the vans", "count the chairs", "tune the piano"]
 _TIMETABLE = [("the ferry", "leaves", "leave"), ("the museum", "opens", "open"), ("the night train", "arrives", "arrive"),
               ("the market", "closes", "close")]
+_PASTIMES = ["swim in the lake", "read old newspapers", "fix bicycles", "bake rye bread", "walk the dogs",
+             "play the organ", "visit the flea market", "paint model boats", "climb the water tower", "write letters",
+             "watch the freight trains", "grow tomatoes", "sing in the choir", "repair clocks", "feed the pigeons"]
 _ITEMS = ["spare key", "silver trophy", "old logbook", "first-aid kit", "red ledger", "brass telescope", "map case"]
 
 
@@ -105,6 +108,13 @@ def make_fact(rng: random.Random) -> Fact:
         pet = _name(rng, 2)
         return Fact([f"{p} keeps a pet {rng.choice(_THINGS['animal'])} called {pet}."],
                     rng.choice([f"What is the name of {p}'s pet?", f"What is {p}'s pet called?"]), pet)
+    if kind == 8:  # a second two-part answer, in real-life wording ("X and Y" after a long context)
+        a1, a2 = rng.sample(_PASTIMES, 2)
+        day, town = rng.choice(["Sunday", "Saturday", "holiday", "rainy day"]), _name(rng, 3)
+        s, q = rng.choice([(f"On a {day}, {p} likes to {a1} and {a2}.", f"What does {p} like to do on a {day}?"),
+                           (f"Whenever {p} is in {town}, the plan is to {a1} and {a2}.",
+                            f"What is {p}'s plan whenever {p} is in {town}?")])
+        return Fact([s], q, f"{a1} and {a2}")
     if kind == 9:
         item, place = rng.choice(_ITEMS), rng.choice(_PLACES)
         s = rng.choice([f"The {item} is kept in {place}.", f"Nobody remembers that the {item} was moved to {place}."])

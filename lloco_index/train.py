@@ -69,8 +69,12 @@ class TrainConfig:
     decoder_dropout: float = 0.0
     decoder_targets: str = "q_proj,k_proj,v_proj,o_proj"
     train_decoder: bool = True  # false: the decoder adapter stays as loaded (or zero), only the compressor learns
+    # false: the compressor stays as loaded (same fingerprint: stores built with it stay valid), only the decoder
+    # learns, and every chunk is encoded without gradients
+    train_encoder: bool = True
     task_mix: str = "qa:0.5,ae:0.3,lm:0.2"
-    max_chunks: int = 64  # qa contexts have 1..max_chunks chunks (log-uniform)
+    max_chunks: int = 64  # qa/cloze contexts have min_chunks..max_chunks chunks (log-uniform)
+    min_chunks: int = 1  # raise it to train mostly on long contexts (the decoder reads them least well)
     max_facts: int = 3  # qa: facts hidden per context
     expand_prob: float = 0.0  # qa/cloze: chance that one chunk is given as text (teaches `expand` mode)
     expand_at: str = "end"  # where that text chunk goes: "end" (after the vectors, as inference does) or "in_place"
@@ -99,6 +103,10 @@ class TrainConfig:
 
     def __post_init__(self):
         check_expand_at(self.expand_at)
+        if not 1 <= self.min_chunks <= self.max_chunks:
+            raise ValueError(f"need 1 <= min_chunks <= max_chunks, got {self.min_chunks} and {self.max_chunks}")
+        if not (self.train_encoder or self.train_decoder):
+            raise ValueError("train_encoder and train_decoder are both false: nothing would train")
 
     @classmethod
     def from_args(cls, pairs: dict[str, str]) -> "TrainConfig":
@@ -196,13 +204,14 @@ class TaskSampler:
     def step(self) -> tuple[str, list[Example]]:
         """One optimizer step's examples: one task, one chunk count, ~segments_per_step segments."""
         task = self.rng.choices(self.tasks, self.weights)[0]
-        n_chunks = 1 if task == "ae" else self._log_uniform(self.cfg.max_chunks if task in ("qa", "cloze") else 4)
+        lo, hi = (self.cfg.min_chunks, self.cfg.max_chunks) if task in ("qa", "cloze") else (1, 4)
+        n_chunks = 1 if task == "ae" else self._log_uniform(lo, hi)
         length = self.cfg.segment_tokens if self.rng.random() < 0.8 else self.rng.randint(self.cfg.segment_tokens // 8, self.cfg.segment_tokens)
         n_ex = max(1, self.cfg.segments_per_step // n_chunks)
         return task, [getattr(self, task)(n_chunks, length) for _ in range(n_ex)]
 
-    def _log_uniform(self, hi: int) -> int:
-        return min(hi, int(math.exp(self.rng.uniform(0, math.log(hi + 1)))))
+    def _log_uniform(self, lo: int, hi: int) -> int:
+        return min(hi, int(math.exp(self.rng.uniform(math.log(lo), math.log(hi + 1)))))
 
     def _tokens(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
@@ -497,8 +506,10 @@ def train_compressor(cfg: TrainConfig, held_out_eval: bool = True) -> Path:
     from accelerate import Accelerator
 
     acc = Accelerator(mixed_precision="bf16" if cfg.bf16 and torch.cuda.is_available() else "no")
+    if not cfg.train_encoder:  # a frozen encoder needs no gradients for any chunk
+        cfg = replace(cfg, grad_segments=0)
     torch.manual_seed(cfg.seed)
-    bb, comp = setup_models(cfg, acc.device, train_encoder=True)
+    bb, comp = setup_models(cfg, acc.device, train_encoder=cfg.train_encoder)
     torch.manual_seed(cfg.seed + acc.process_index)  # same initial weights everywhere, different data
     train_c, held_c = Corpus.load(cfg.corpus).split()
     if comp.vector_mean is not None and not comp.vector_mean.any():  # new: fit it (same segments in every process)
@@ -508,8 +519,10 @@ def train_compressor(cfg: TrainConfig, held_out_eval: bool = True) -> Path:
     held = TaskSampler(held_c, bb.tokenizer, replace(cfg, expand_prob=0.0), 12345)  # eval: vectors only
     batcher = DecoderBatcher(bb)
     lora = [p for n, p in bb.model.named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": lora, "lr": cfg.lr}, {"params": [comp.summary], "lr": cfg.summary_lr}],
-                            weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=acc.device.type == "cuda")
+    groups = [{"params": lora, "lr": cfg.lr}]
+    if cfg.train_encoder:
+        groups.append({"params": [comp.summary], "lr": cfg.summary_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=acc.device.type == "cuda")
     return _loop(cfg, acc, bb, comp, opt, sampler.step, held if held_out_eval else None, batcher, cfg.max_steps)
 
 

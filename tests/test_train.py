@@ -279,6 +279,20 @@ def test_expand_gives_one_text_chunk(models, sampler, tokenizer):
         torch.testing.assert_close(a, b)
 
 
+def test_min_chunks_makes_every_qa_and_cloze_context_long(sampler, tokenizer):
+    long = TaskSampler(sampler.corpus, tokenizer, replace(sampler.cfg, min_chunks=3), seed=1)
+    seen = {}
+    for _ in range(40):
+        task, exs = long.step()
+        seen.setdefault(task, set()).update(len(e.chunks) for e in exs)
+    assert seen["qa"] == seen["cloze"] == {3}  # max_chunks is 3 in the tiny config
+    assert seen["ae"] == {1} and max(seen["lm"]) <= 4
+    with pytest.raises(ValueError, match="min_chunks <= max_chunks"):
+        replace(sampler.cfg, min_chunks=4)
+    with pytest.raises(ValueError, match="min_chunks <= max_chunks"):
+        TrainConfig(min_chunks=0)
+
+
 def test_train_config_rejects_unknown_expand_at():
     assert TrainConfig.from_args({"expand_at": "in_place"}).expand_at == "in_place"
     with pytest.raises(ValueError, match="expand_at must be one of end, in_place"):
@@ -567,6 +581,20 @@ def test_train_decoder_false_freezes_the_decoder_adapter(tiny_model_dir, corpus_
     trainable = [n for n, p in bb.model.named_parameters() if p.requires_grad]
     assert trainable and all(ENCODER_ADAPTER in n for n in trainable)
     assert comp.summary.requires_grad
+
+
+def test_train_encoder_false_keeps_the_compressor_and_its_stores(pretrained, tmp_path):
+    """A decoder-only continuation: the compressor files come out bit for bit as they went in (so its
+    fingerprint, and every store built with it, stay valid) while the decoder adapter learns."""
+    cfg, start = pretrained
+    out = train_compressor(replace(cfg, init_from=str(start), out_dir=str(tmp_path / "run"), train_encoder=False))
+    for f in ("compressor/summary_embeddings.safetensors", "compressor/encoder/adapter_model.safetensors"):
+        assert _same_tensors(start / f, out / f), f
+    assert not _same_tensors(start / "decoder/adapter_model.safetensors", out / "decoder/adapter_model.safetensors")
+    states = [json.loads((d / "training_state.json").read_text()) for d in (start, out)]
+    assert states[0]["compressor_fingerprint"] == states[1]["compressor_fingerprint"]
+    with pytest.raises(ValueError, match="nothing would train"):
+        TrainConfig(train_encoder=False, train_decoder=False)
 
 
 def _two_processes(what: str, options: dict) -> str:
