@@ -155,6 +155,10 @@ def _eval_parsers(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("table", help="reports side by side as a markdown table")
     p.add_argument("reports", nargs="+", metavar="REPORT.json")
     p.add_argument("--out", default=None, help="also write the table to this file")
+    p = sub.add_parser("compare", help="two QA reports on the same questions, paired: who got which right, sign test")
+    p.add_argument("a", metavar="A.json")
+    p.add_argument("b", metavar="B.json")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p = sub.add_parser("make-dev", help="write a seeded synthetic multi-document QA dev set")
     p.add_argument("--source", nargs="+", default=None, metavar="DIR",
                    help="held-out text (default: the Node.js API docs, /usr/share/doc/nodejs/api)")
@@ -364,7 +368,8 @@ def cmd_demo(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    {"qa": _eval_qa, "niah": _eval_niah, "table": _eval_table, "make-dev": _make_dev}[args.eval_command](args)
+    {"qa": _eval_qa, "niah": _eval_niah, "table": _eval_table, "compare": _eval_compare,
+     "make-dev": _make_dev}[args.eval_command](args)
 
 
 def _eval_qa(args) -> None:
@@ -413,6 +418,17 @@ def _eval_table(args) -> None:
     if args.out:
         Path(args.out).write_text(table, encoding="utf-8")
     print(table, end="")
+
+
+def _eval_compare(args) -> None:
+    from .eval.report import compare_reports, read_report
+
+    res = compare_reports(read_report(args.a), read_report(args.b))
+    lines = [f"| questions | right in {args.a} | right in {args.b} | only A | only B | sign test p |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {k.replace('_', ' ')} ({v['questions']}) | {v['right_a']} | {v['right_b']} | {v['only_a']} "
+              f"| {v['only_b']} | {v['p']:.3f} |" for k, v in res.items() if v["questions"]]
+    _emit(args, res, "\n".join(lines))
 
 
 def _make_dev(args) -> None:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from math import comb
 
 import pytest
 import torch
 
 from lloco_index.cli import SAMPLES, main
 from lloco_index.data import QAExample, read_qa
-from lloco_index.eval import DevSetConfig, evaluate_qa, make_dev_set, markdown_table, plot_niah, run_niah
+from lloco_index.eval import (DevSetConfig, compare_reports, evaluate_qa, make_dev_set, markdown_table, plot_niah,
+                              run_niah)
 from lloco_index.eval.contexts import PromptBuilder
 from lloco_index.eval.metrics import (choice_correct, contains_answer, exact_match, gold_choice, needle_score,
                                       normalize_answer, predicted_choice, token_f1)
@@ -211,6 +213,29 @@ def test_markdown_table(tiny_lloco, tmp_path):
     assert row[0] == "| baseline" and row[1] == "none" and row[4] == "3"
     assert any(line.startswith("| needle | none | - | base | 200-200 | 1 | 1 | 1 |") for line in lines)
     assert lines[-1] == "- baseline: `lloco eval qa dev.jsonl --mode none`"
+
+
+def _qa_report(open_right: list[int], mc_right: list[int]) -> dict:
+    preds = [{"id": f"o{i}", "exact_match": float(r)} for i, r in enumerate(open_right)]
+    preds += [{"id": f"m{i}", "choices": ["x", "y"], "exact_match": 0.0, "correct": float(r)} for i, r in enumerate(mc_right)]
+    return {"kind": "qa", "dataset_sha256": "d", "predictions": preds}
+
+
+def test_compare_reports_pairs_questions_and_runs_a_sign_test(tmp_path):
+    a = _qa_report([1] * 10 + [0] * 10 + [1] * 5, [1, 0, 1])
+    b = _qa_report([1] * 10 + [1] * 10 + [0] * 5, [1, 1, 0])
+    res = compare_reports(a, b)
+    assert res["open"] == {"questions": 25, "right_a": 15, "right_b": 20, "only_a": 5, "only_b": 10,
+                           "p": round(2 * sum(comb(15, i) for i in range(6)) / 2 ** 15, 4)}  # P(split <= 5:10)
+    assert res["multiple_choice"] == {"questions": 3, "right_a": 2, "right_b": 2, "only_a": 1, "only_b": 1, "p": 1.0}
+    assert compare_reports(a, a)["open"]["p"] == 1.0  # nothing differs: no evidence either way
+    with pytest.raises(ValueError, match="different questions"):
+        compare_reports(a, _qa_report([1] * 24, [1, 0, 1]))
+    with pytest.raises(ValueError, match="two QA reports"):
+        compare_reports(a, {"kind": "niah"})
+    for name, r in (("a", a), ("b", b)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+    assert main(["eval", "compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
 
 
 @pytest.fixture()

@@ -14,17 +14,17 @@ Example::
 from typing import TYPE_CHECKING
 
 MODES = ("lloco", "full", "rag", "none")  # what stands for the documents: vectors, all text, top-k text, nothing
-__all__ = ["evaluate_qa", "run_niah", "load_haystack", "plot_niah", "markdown_table", "make_dev_set",
+__all__ = ["evaluate_qa", "run_niah", "load_haystack", "plot_niah", "markdown_table", "compare_reports", "make_dev_set",
            "DevSetConfig", "MODES"]
 
 if TYPE_CHECKING:
     from .devset import DevSetConfig, make_dev_set
     from .niah import load_haystack, run_niah
     from .qa import evaluate_qa
-    from .report import markdown_table, plot_niah
+    from .report import compare_reports, markdown_table, plot_niah
 
 _LAZY = {"evaluate_qa": "qa", "run_niah": "niah", "load_haystack": "niah", "plot_niah": "report",
-         "markdown_table": "report", "make_dev_set": "devset", "DevSetConfig": "devset"}
+         "markdown_table": "report", "compare_reports": "report", "make_dev_set": "devset", "DevSetConfig": "devset"}
 
 
 def __getattr__(name: str):

@@ -124,6 +124,34 @@ def markdown_table(reports: Sequence[dict], names: Sequence[str]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _sign_test_p(a: int, b: int) -> float:
+    """Two-sided exact sign test: how likely a split at least this uneven is if both sides were equally good."""
+    from math import comb
+
+    n = a + b
+    return 1.0 if n == 0 else min(1.0, 2 * sum(comb(n, i) for i in range(min(a, b) + 1)) / 2 ** n)
+
+
+def compare_reports(a: dict, b: dict) -> dict[str, dict]:
+    """Two QA reports on the same questions, paired: per kind (open questions by EM, multiple choice by
+    accuracy), how many only ``a`` got right, only ``b``, and the sign test's p. Why paired: two versions
+    differ on a few questions each way, and a 2-point EM gap on 157 questions can be noise or not."""
+    if a.get("kind") != "qa" or b.get("kind") != "qa":
+        raise ValueError("compare needs two QA reports (lloco eval qa)")
+    pa, pb = ({p["id"]: p for p in r["predictions"]} for r in (a, b))
+    if pa.keys() != pb.keys() or a.get("dataset_sha256") != b.get("dataset_sha256"):
+        raise ValueError("the two reports answer different questions (other dataset or --limit): nothing to pair")
+    out = {}
+    for kind, key in (("open", "exact_match"), ("multiple_choice", "correct")):
+        ids = [i for i in pa if ("choices" in pa[i]) == (kind == "multiple_choice")]
+        only_a = sum(pa[i][key] > 0 and not pb[i][key] > 0 for i in ids)
+        only_b = sum(pb[i][key] > 0 and not pa[i][key] > 0 for i in ids)
+        out[kind] = {"questions": len(ids), "right_a": sum(pa[i][key] > 0 for i in ids),
+                     "right_b": sum(pb[i][key] > 0 for i in ids), "only_a": only_a, "only_b": only_b,
+                     "p": round(_sign_test_p(only_a, only_b), 4)}
+    return out
+
+
 def plot_niah(report: dict, path: str | Path) -> None:
     """Length x depth heatmap per mode, coloured like the published needle plots; "n/f" = does not fit."""
     try:
