@@ -61,11 +61,22 @@ class Fact:
     sentences: list[str]  # one sentence, or several (multi-hop) to place in different chunks
     question: str
     answer: str
+    kind: int = -1  # the template family (make_fact's ``kind``)
 
 
-def make_fact(rng: random.Random) -> Fact:
-    """One random fact with a question whose answer is a span of the fact."""
-    kind = rng.randrange(13)
+KINDS = 13
+
+
+def make_fact(rng: random.Random, kind: int | None = None) -> Fact:
+    """One random fact with a question whose answer is a span of the fact; ``kind`` (0..KINDS-1) picks the
+    template family, e.g. to draw plausible wrong options for a multiple-choice question."""
+    kind = rng.randrange(KINDS) if kind is None else kind
+    fact = _fact(rng, kind)
+    fact.kind = kind
+    return fact
+
+
+def _fact(rng: random.Random, kind: int) -> Fact:
     p = _person(rng)
     if kind == 0:
         cat = rng.choice(list(_THINGS))

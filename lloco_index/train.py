@@ -36,9 +36,10 @@ from .backbone import Backbone
 from .bench_utils import Cost, measure_peak_flops
 from .compressor import ENCODER_ADAPTER, CompressorConfig, ContextCompressor
 from .corpus import Corpus
+from .data import QAExample
 from .generation import Generator
-from .prompts import SYSTEM_PROMPT, ExpandAt, arrange_expanded, check_expand_at, qa_pieces
-from .synth import insert_sentence, make_fact
+from .prompts import SYSTEM_PROMPT, ExpandAt, arrange_expanded, check_expand_at, qa_pieces, question_text
+from .synth import Fact, insert_sentence, make_fact
 
 logger = logging.getLogger(__name__)
 DECODER_ADAPTER = "default"
@@ -76,6 +77,7 @@ class TrainConfig:
     max_chunks: int = 64  # qa/cloze contexts have min_chunks..max_chunks chunks (log-uniform)
     min_chunks: int = 1  # raise it to train mostly on long contexts (the decoder reads them least well)
     max_facts: int = 3  # qa: facts hidden per context
+    choice_prob: float = 0.0  # qa: chance the question comes with 4 lettered options (answer: the letter)
     expand_prob: float = 0.0  # qa/cloze: chance that one chunk is given as text (teaches `expand` mode)
     expand_at: str = "end"  # where that text chunk goes: "end" (after the vectors, as inference does) or "in_place"
     segments_per_step: int = 64  # encoder segments per optimizer step
@@ -105,6 +107,8 @@ class TrainConfig:
         check_expand_at(self.expand_at)
         if not 1 <= self.min_chunks <= self.max_chunks:
             raise ValueError(f"need 1 <= min_chunks <= max_chunks, got {self.min_chunks} and {self.max_chunks}")
+        if not 0 <= self.choice_prob <= 1:
+            raise ValueError(f"choice_prob is a probability in [0, 1], got {self.choice_prob}")
         if not (self.train_encoder or self.train_decoder):
             raise ValueError("train_encoder and train_decoder are both false: nothing would train")
 
@@ -233,7 +237,25 @@ class TaskSampler:
                 prev = at
             chunks[ci] = new + base[prev:]
         asked = self.rng.choice(facts)
-        return self._maybe_expand(Example(chunks, asked.question, self._tokens(asked.answer), sorted(placed)))
+        question, answer = asked.question, asked.answer
+        if self.cfg.choice_prob and self.rng.random() < self.cfg.choice_prob:  # at 0 no draw: old data stay
+            question, answer = self._multiple_choice(asked)
+        return self._maybe_expand(Example(chunks, question, self._tokens(answer), sorted(placed)))
+
+    def _multiple_choice(self, fact: Fact) -> tuple[str, str]:
+        """The question with the answer and 3 wrong options of the same template family (digits where the
+        answer has digits), in the layout inference uses (``prompts.question_text``); the answer is the letter."""
+        wrong: list[str] = []
+        for _ in range(50):
+            other = make_fact(self.rng, fact.kind).answer
+            if other not in wrong and other != fact.answer and \
+                    any(c.isdigit() for c in other) == any(c.isdigit() for c in fact.answer):
+                wrong.append(other)
+            if len(wrong) == 3:
+                break
+        options = wrong + [fact.answer]
+        self.rng.shuffle(options)
+        return question_text(fact.question, options), chr(ord("A") + options.index(fact.answer))
 
     def _maybe_expand(self, ex: Example) -> Example:
         """Give one chunk as text: usually the one holding the answer, sometimes a distractor, so the
@@ -526,6 +548,16 @@ def train_compressor(cfg: TrainConfig, held_out_eval: bool = True) -> Path:
     return _loop(cfg, acc, bb, comp, opt, sampler.step, held if held_out_eval else None, batcher, cfg.max_steps)
 
 
+def qa_target(ex: QAExample) -> tuple[str, str]:
+    """The question as the decoder reads it and the answer it learns to give. Multiple choice: the lettered
+    options in the question and the letter as the answer, exactly as evaluation asks and scores it."""
+    from .eval.metrics import gold_choice
+
+    if not ex.choices:
+        return question_text(ex.question), ex.answers[0]
+    return question_text(ex.question, ex.choices), chr(ord("A") + gold_choice(ex.choices, ex.answers))
+
+
 def train_finetune(cfg: TrainConfig) -> Path:
     """LLoCO finetuning: frozen compressor, documents compressed once into a store, decoder LoRA only."""
     from accelerate import Accelerator
@@ -549,8 +581,9 @@ def train_finetune(cfg: TrainConfig) -> Path:
             if not ex.answers:
                 raise ValueError(f"example {ex.id!r} has no answer to train on")
             keys = lloco.compress_texts([c.text for d in ex.documents for c in lloco.chunk(d)])
-            ids = bb.tokenizer(ex.answers[0], add_special_tokens=False)["input_ids"]
-            examples.append(Example([], ex.question, ids, vectors=store.get_many(keys)))
+            question, answer = qa_target(ex)
+            ids = bb.tokenizer(answer, add_special_tokens=False)["input_ids"]
+            examples.append(Example([], question, ids, vectors=store.get_many(keys)))
     rng = random.Random(cfg.seed + acc.process_index)  # each process draws its own batches
     steps_per_epoch = math.ceil(len(examples) / (cfg.batch_size * acc.num_processes))
     order: list[Example] = []

@@ -23,11 +23,11 @@ from lloco_index.backbone import Backbone
 from lloco_index.compressor import ENCODER_ADAPTER, CompressorConfig, ContextCompressor
 from lloco_index.corpus import Corpus, build_corpus
 from lloco_index.generation import Generator
-from lloco_index.prompts import SYSTEM_PROMPT, qa_pieces
+from lloco_index.prompts import SYSTEM_PROMPT, qa_pieces, question_text
 from lloco_index.bench_utils import Cost
 from lloco_index.train import (AE_QUESTION, DECODER_ADAPTER, DecoderBatcher, Example, TaskSampler, TrainConfig,
-                               _lora, answer_loss, cut_vectors, encode_chunks, encoder_backward, setup_models,
-                               step_flops, train_compressor, train_finetune)
+                               _lora, answer_loss, cut_vectors, encode_chunks, encoder_backward, qa_target,
+                               setup_models, step_flops, train_compressor, train_finetune)
 
 # every field a tiny run changes from the production defaults (also the CLI flags of the CLI test)
 TINY = dict(segment_tokens=32, summary_tokens=4, encoder_r=2, encoder_alpha=4, decoder_r=2, decoder_alpha=4,
@@ -284,7 +284,8 @@ def test_min_chunks_makes_every_qa_and_cloze_context_long(sampler, tokenizer):
     seen = {}
     for _ in range(40):
         task, exs = long.step()
-        seen.setdefault(task, set()).update(len(e.chunks) for e in exs)
+        fallback = task == "cloze" and exs[0].question == AE_QUESTION  # no usable sentence: one ae chunk
+        seen.setdefault(task, set()).update(len(e.chunks) for e in exs if not fallback)
     assert seen["qa"] == seen["cloze"] == {3}  # max_chunks is 3 in the tiny config
     assert seen["ae"] == {1} and max(seen["lm"]) <= 4
     with pytest.raises(ValueError, match="min_chunks <= max_chunks"):
@@ -442,6 +443,33 @@ def test_finetune_trains_decoder_only_and_reuses_store(pretrained, tmp_path):
     train_finetune(cfg)  # same documents again: every chunk comes from the store
     assert CompressedStore(out / "store").stats()["chunks"] == store.stats()["chunks"]
     assert sorted(p.name for p in (out / "store").rglob("*") if p.is_file() and "shards" in p.parts) == shards
+
+
+def test_finetune_asks_multiple_choice_as_evaluation_does():
+    from lloco_index.data import QAExample
+
+    mc = QAExample("m", ["doc"], "Which colour? ", ["olive"], choices=["teal", "olive", "ochre"])
+    question, answer = qa_target(mc)
+    assert question == question_text("Which colour?", ["teal", "olive", "ochre"]) and "B. olive" in question
+    assert answer == "B"
+    assert qa_target(QAExample("o", ["doc"], "Which colour? ", ["olive", "green"])) == ("Which colour?", "olive")
+
+
+def test_qa_can_ask_multiple_choice_with_options_of_the_same_kind(sampler, tokenizer):
+    mc = TaskSampler(sampler.corpus, tokenizer, replace(sampler.cfg, choice_prob=1.0), seed=2)
+    for _ in range(30):
+        ex = mc.qa(2, 32)
+        letter = tokenizer.decode(ex.answer)
+        lines = ex.question.splitlines()
+        options = {line[0]: line[3:] for line in lines[1:-1]}
+        assert lines[-1] == "Answer with the letter of the correct option." and sorted(options) == list("ABCD")
+        assert len(set(options.values())) == 4 and letter in options
+        right = options[letter]  # the right option is the span hidden in a grad chunk; the others are not
+        assert any(right in tokenizer.decode(ex.chunks[j]) for j in ex.grad_chunks)
+        digits = {any(c.isdigit() for c in o) for o in options.values()}
+        assert len(digits) == 1, options  # a year among names would give the answer away
+    with pytest.raises(ValueError, match="choice_prob"):
+        replace(sampler.cfg, choice_prob=1.5)
 
 
 def test_finetune_input_errors(pretrained, tmp_path):
