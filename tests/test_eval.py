@@ -217,7 +217,8 @@ def test_markdown_table(tiny_lloco, tmp_path):
 
 def _qa_report(open_right: list[int], mc_right: list[int]) -> dict:
     preds = [{"id": f"o{i}", "exact_match": float(r)} for i, r in enumerate(open_right)]
-    preds += [{"id": f"m{i}", "choices": ["x", "y"], "exact_match": 0.0, "correct": float(r)} for i, r in enumerate(mc_right)]
+    preds += [{"id": f"m{i}", "choices": ["x", "y"], "exact_match": 0.0, "correct": float(r)}
+              for i, r in enumerate(mc_right)]
     return {"kind": "qa", "dataset_sha256": "d", "predictions": preds}
 
 
