@@ -544,6 +544,29 @@ def test_profile_script_reports_every_phase(tiny_model_dir, corpus_file, tmp_pat
     assert (tmp_path / "prof" / "trace.json").stat().st_size > 0
 
 
+def test_op_count_script_shows_the_lean_stack_dispatching_fewer_ops(tiny_model_dir):
+    """scripts/count_train_ops.py counts one pass's aten ops per adapter; the lean stack must stay below the
+    transformers + PEFT path, forward and backward (what it exists for)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    counts = {}
+    for lean in ("true", "false"):
+        argv = [sys.executable, str(root / "scripts" / "count_train_ops.py"), "--base_model", str(tiny_model_dir),
+                "--tokens", "8", "--lean", lean] + [a for k, v in TINY.items() if k.endswith(("_r", "_alpha"))
+                                                    for a in (f"--{k}", str(v))]
+        out = subprocess.run(argv, check=True, capture_output=True, text=True, cwd=root,
+                             env={**os.environ, "PYTHONPATH": str(root)}).stdout
+        counts[lean] = {m[0]: (int(m[1]), int(m[2])) for m in
+                        re.findall(r"^(\S+): forward (\d+) ops \+ \d+ views, backward (\d+) ops", out, re.M)}
+    assert set(counts["true"]) == {ENCODER_ADAPTER, DECODER_ADAPTER} == set(counts["false"])
+    for adapter, (fwd, bwd) in counts["true"].items():
+        assert 0 < fwd < counts["false"][adapter][0] and 0 < bwd < counts["false"][adapter][1], counts
+
+
 def test_rescale_vectors_sets_the_token_embedding_norm(tiny_model_dir, corpus_file):
     bb, comp = setup_models(tiny_cfg(tiny_model_dir, corpus_file, Path("unused"), rescale_vectors=True),
                             torch.device("cpu"), train_encoder=True)
