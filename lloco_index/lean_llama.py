@@ -180,7 +180,8 @@ class LeanLlama:
         h = x.reshape(b * t, hidden)
         for i, p in enumerate(self.layers):
             y = F.rms_norm(h, (hidden,), *p["ln1"])
-            q, k, v = _heads(p["qkv"](y).view(b, t, -1), cos, sin, self.heads, self.kv_heads, self.head_dim)
+            qk, v = _rope_qk(p["qkv"](y).view(b, t, -1), cos, sin, self.heads, self.kv_heads, self.head_dim)
+            q, k, v = _split_heads(qk, v, self.heads)
             keys, values = cache.layers[i].update(k, v)
             out = self._attend(p, q, keys, values, mask, split)
             h = p["o_proj"](out.reshape(b * t, -1), add=h)
@@ -214,10 +215,8 @@ def _rope_qk(qkv: torch.Tensor, cos, sin, heads: int, kv_heads: int, head_dim: i
     return torch.addcmul(qk * cos, qk.roll(head_dim // 2, dims=-1), sin), v
 
 
-def _heads(qkv: torch.Tensor, cos, sin, heads: int, kv_heads: int, head_dim: int):
-    """q ``[b, heads, t, d]``, k and v ``[b, kv_heads, t, d]`` from a fused ``[b, t, (heads + 2 kv) d]``
-    projection, with rotary applied once to q and k together."""
-    qk, v = _rope_qk(qkv, cos, sin, heads, kv_heads, head_dim)
+def _split_heads(qk: torch.Tensor, v: torch.Tensor, heads: int):
+    """q ``[b, heads, t, d]``, k and v ``[b, kv_heads, t, d]`` from ``_rope_qk``'s ``[b, t, ..., d]`` outputs."""
     qk = qk.transpose(1, 2)
     return qk[:, :heads], qk[:, heads:], v.transpose(1, 2)
 
@@ -274,8 +273,8 @@ class LeanStack:
     def _layer(self, h: torch.Tensor, lean: LeanLlama, bt: tuple[int, int], cos, sin, mask, p: dict) -> torch.Tensor:
         qk, v = self.attn_in(h, cos, sin, *p["ln1"], _parts(p["qkv"]), lean.heads, lean.kv_heads, lean.head_dim)
         (b, t), d = bt, lean.head_dim
-        qk, v = qk.view(b, t, -1, d).transpose(1, 2), v.view(b, t, -1, d).transpose(1, 2)
-        out = _prefill_attention(qk[:, :lean.heads], qk[:, lean.heads:], v, mask, p["scaling"])
+        q, k, v = _split_heads(qk.view(b, t, -1, d), v.view(b, t, -1, d), lean.heads)
+        out = _prefill_attention(q, k, v, mask, p["scaling"])
         # [b * t, heads * d], always a copy: the attention kernels return a layout where this is sometimes a view,
         # and a compiled graph guards on a view's base (a second graph for the same shapes)
         out = out.transpose(1, 2).reshape(b * t, -1).clone()

@@ -37,6 +37,7 @@ from .bench_utils import Cost, measure_peak_flops
 from .compressor import ENCODER_ADAPTER, CompressorConfig, ContextCompressor
 from .corpus import Corpus
 from .data import QAExample
+from .eval.metrics import gold_choice
 from .generation import Generator
 from .prompts import SYSTEM_PROMPT, ExpandAt, arrange_expanded, check_expand_at, qa_pieces, question_text
 from .synth import Fact, insert_sentence, make_fact
@@ -136,8 +137,11 @@ def _lora(r: int, alpha: int, targets: str, dropout: float = 0.0):
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets.split(","), bias="none")
 
 
-def setup_models(cfg: TrainConfig, device: torch.device, train_encoder: bool):
-    """Backbone with an encoder adapter and a decoder adapter, plus the compressor; fp32 LoRA, bf16 base on GPU."""
+def setup_models(cfg: TrainConfig, device: torch.device):
+    """Backbone with an encoder adapter and a decoder adapter, plus the compressor; fp32 LoRA, bf16 base on GPU.
+    Trainable: the LoRA weights ``cfg.train_encoder`` / ``cfg.train_decoder`` name, and the summary embeddings
+    with the encoder."""
+    train_encoder = cfg.train_encoder
     init = Path(cfg.init_from) if cfg.init_from else None
     if init and not ((init / "compressor").is_dir() or (init / "decoder").is_dir()):
         raise FileNotFoundError(f"--init_from {init}: no compressor/ or decoder/ folder there to continue from")
@@ -531,7 +535,7 @@ def train_compressor(cfg: TrainConfig, held_out_eval: bool = True) -> Path:
     if not cfg.train_encoder:  # a frozen encoder needs no gradients for any chunk
         cfg = replace(cfg, grad_segments=0)
     torch.manual_seed(cfg.seed)
-    bb, comp = setup_models(cfg, acc.device, train_encoder=cfg.train_encoder)
+    bb, comp = setup_models(cfg, acc.device)
     torch.manual_seed(cfg.seed + acc.process_index)  # same initial weights everywhere, different data
     train_c, held_c = Corpus.load(cfg.corpus).split()
     if comp.vector_mean is not None and not comp.vector_mean.any():  # new: fit it (same segments in every process)
@@ -551,8 +555,6 @@ def train_compressor(cfg: TrainConfig, held_out_eval: bool = True) -> Path:
 def qa_target(ex: QAExample) -> tuple[str, str]:
     """The question as the decoder reads it and the answer it learns to give. Multiple choice: the lettered
     options in the question and the letter as the answer, exactly as evaluation asks and scores it."""
-    from .eval.metrics import gold_choice
-
     if not ex.choices:
         return question_text(ex.question), ex.answers[0]
     return question_text(ex.question, ex.choices), chr(ord("A") + gold_choice(ex.choices, ex.answers))
@@ -569,8 +571,9 @@ def train_finetune(cfg: TrainConfig) -> Path:
     if not cfg.qa_file:
         raise ValueError("finetune needs --qa_file FILE.jsonl")
     acc = Accelerator(mixed_precision="bf16" if cfg.bf16 and torch.cuda.is_available() else "no")
+    cfg = replace(cfg, train_encoder=False)  # LLoCO finetuning never changes the compressor
     torch.manual_seed(cfg.seed)
-    bb, comp = setup_models(cfg, acc.device, train_encoder=False)
+    bb, comp = setup_models(cfg, acc.device)
     torch.manual_seed(cfg.seed + acc.process_index)
     examples = []
     with acc.main_process_first():  # process 0 compresses into the store; the others then find every chunk there

@@ -39,7 +39,7 @@ def main(argv: list[str]) -> None:
     options = split_options(argv)[0]
     tokens = int(options.pop("tokens", "64"))
     torch.manual_seed(0)
-    bb, _ = setup_models(TrainConfig.from_args(options), torch.device("cpu"), train_encoder=True)
+    bb, _ = setup_models(TrainConfig.from_args(options), torch.device("cpu"))
     x = torch.randn(1, tokens, bb.hidden_size)
     print(f"stack: {type(bb.train_stack).__name__ if bb.train_stack else 'transformers + PEFT'}, {tokens} tokens")
     for adapter in (ENCODER_ADAPTER, DECODER_ADAPTER):

@@ -37,8 +37,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     base = CompressorConfig.from_json(Path(args.init_from) / "compressor" / CONFIG_NAME).base_model
-    cfg = TrainConfig(init_from=args.init_from, base_model=base, corpus=args.corpus, max_facts=1)
-    bb, comp = setup_models(cfg, torch.device(args.device), train_encoder=False)
+    cfg = TrainConfig(init_from=args.init_from, base_model=base, corpus=args.corpus, max_facts=1,
+                      train_encoder=False)
+    bb, comp = setup_models(cfg, torch.device(args.device))
     bb.model.eval()
     _, held = Corpus.load(args.corpus).split()
     sampler = TaskSampler(held, bb.tokenizer, replace(cfg, segment_tokens=comp.config.segment_tokens), seed=7)

@@ -69,7 +69,7 @@ def sampler(tiny_model_dir, corpus_file, tokenizer) -> TaskSampler:
 def models(tiny_model_dir, corpus_file):
     """A fresh backbone with encoder + decoder LoRA and an untrained compressor, as training sets them up."""
     torch.manual_seed(0)
-    return setup_models(tiny_cfg(tiny_model_dir, corpus_file, Path("unused")), torch.device("cpu"), train_encoder=True)
+    return setup_models(tiny_cfg(tiny_model_dir, corpus_file, Path("unused")), torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -195,10 +195,10 @@ def test_compiled_lean_stack_compiles_once_for_every_batch_shape(tiny_model_dir)
 
 def test_training_takes_the_lean_stack_unless_an_adapter_needs_dropout(tiny_model_dir, corpus_file, caplog):
     cfg = tiny_cfg(tiny_model_dir, corpus_file, Path("unused"))
-    assert setup_models(cfg, torch.device("cpu"), train_encoder=True)[0].train_stack is not None
-    assert setup_models(replace(cfg, lean=False), torch.device("cpu"), train_encoder=True)[0].train_stack is None
+    assert setup_models(cfg, torch.device("cpu"))[0].train_stack is not None
+    assert setup_models(replace(cfg, lean=False), torch.device("cpu"))[0].train_stack is None
     with caplog.at_level("INFO", logger="lloco_index.train"):
-        bb, _ = setup_models(replace(cfg, decoder_dropout=0.05), torch.device("cpu"), train_encoder=True)
+        bb, _ = setup_models(replace(cfg, decoder_dropout=0.05), torch.device("cpu"))
     assert bb.train_stack is None and "has LoRA dropout" in caplog.text
 
 
@@ -209,7 +209,7 @@ def test_grad_checkpointing_gives_the_same_gradients(tiny_model_dir, corpus_file
     for ckpt in (False, True):
         torch.manual_seed(0)
         bb, comp = setup_models(tiny_cfg(tiny_model_dir, corpus_file, Path("unused"), grad_checkpointing=ckpt),
-                                torch.device("cpu"), train_encoder=True)
+                                torch.device("cpu"))
         assert bb.model.is_gradient_checkpointing == ckpt
         c = Corpus.load(corpus_file).window(np.random.default_rng(0), 32)
         vecs, cut = cut_vectors(encode_chunks(comp, [Example([c], AE_QUESTION, c, [0])], grad_budget=1))
@@ -391,7 +391,7 @@ def test_init_from_loads_saved_adapters(pretrained):
     from peft import get_peft_model_state_dict
 
     cfg, out = pretrained
-    bb, comp = setup_models(replace(cfg, init_from=str(out)), torch.device("cpu"), train_encoder=True)
+    bb, comp = setup_models(replace(cfg, init_from=str(out)), torch.device("cpu"))
     for name, folder in ((ENCODER_ADAPTER, "compressor/encoder"), (DECODER_ADAPTER, "decoder")):
         saved = _tensors(out / folder / "adapter_model.safetensors")
         loaded = get_peft_model_state_dict(bb.model, adapter_name=name)
@@ -410,7 +410,7 @@ def test_init_from_loads_saved_adapters(pretrained):
 def test_init_from_a_missing_folder_is_an_error_not_a_fresh_start(pretrained, tmp_path):
     cfg, _ = pretrained
     with pytest.raises(FileNotFoundError, match="no compressor/ or decoder/"):
-        setup_models(replace(cfg, init_from=str(tmp_path / "typo")), torch.device("cpu"), train_encoder=True)
+        setup_models(replace(cfg, init_from=str(tmp_path / "typo")), torch.device("cpu"))
 
 
 # -- finetuning ---------------------------------------------------------------------------------
@@ -569,7 +569,7 @@ def test_op_count_script_shows_the_lean_stack_dispatching_fewer_ops(tiny_model_d
 
 def test_rescale_vectors_sets_the_token_embedding_norm(tiny_model_dir, corpus_file):
     bb, comp = setup_models(tiny_cfg(tiny_model_dir, corpus_file, Path("unused"), rescale_vectors=True),
-                            torch.device("cpu"), train_encoder=True)
+                            torch.device("cpu"))
     target = bb.model.get_input_embeddings().weight.detach().float().norm(dim=-1).mean().item()
     assert comp.config.vector_norm == pytest.approx(target, abs=1e-4)
     vecs = encode_chunks(comp, [Example([list(range(5, 37))], "q", [1], [0])], 1)[0][0]
@@ -628,7 +628,7 @@ def test_untrained_summary_rows_are_distinct(tiny_model_dir):
 
 def test_train_decoder_false_freezes_the_decoder_adapter(tiny_model_dir, corpus_file):
     bb, comp = setup_models(tiny_cfg(tiny_model_dir, corpus_file, Path("unused"), train_decoder=False),
-                            torch.device("cpu"), train_encoder=True)
+                            torch.device("cpu"))
     trainable = [n for n, p in bb.model.named_parameters() if p.requires_grad]
     assert trainable and all(ENCODER_ADAPTER in n for n in trainable)
     assert comp.summary.requires_grad
