@@ -640,7 +640,13 @@ def _loop(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int) -> Pat
     # cuDNN attention cost ~2 ms of host time per call in the H100 profile (docs/training.md), more than its
     # kernel: with a few hundred calls a step the loop waited on it. Flash attention launches in microseconds.
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-        return _steps(cfg, acc, bb, comp, opt, next_batch, held, batcher, total)
+        out = _steps(cfg, acc, bb, comp, opt, next_batch, held, batcher, total)
+    # Every process waits for process 0's final save, then the process group is torn down explicitly: a process
+    # that left while its peer still saved was killed at interpreter exit by gloo ("terminate called without an
+    # active exception", SIGABRT) in CI.
+    acc.wait_for_everyone()
+    acc.end_training()
+    return out
 
 
 def _steps(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int) -> Path:
