@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _eval_parsers(parser: argparse.ArgumentParser) -> None:
     from dataclasses import fields
 
-    from .eval import MODES
+    from .eval import CHOICE_SCORING, MODES
     from .eval.devset import DevSetConfig
 
     sub = parser.add_subparsers(dest="eval_command", required=True)
@@ -139,6 +139,9 @@ def _eval_parsers(parser: argparse.ArgumentParser) -> None:
                    help="lloco: compressed documents; full: all text (cut in the middle to fit); "
                         "rag: top-k text chunks; none: question only")
     p.add_argument("--limit", type=int, default=None, help="only the first N examples")
+    p.add_argument("--choice-scoring", choices=CHOICE_SCORING, default="generate",
+                   help="multiple choice: generate (ask for the option's letter) or likelihood (the option the "
+                        "decoder finds most likely as the whole answer to the bare question)")
     _eval_run(p, batch_size=8)
     p = sub.add_parser("niah", help="needle in a haystack: length x depth grid, JSON + heatmap PNG")
     p.add_argument("--haystack", nargs="+", required=True, metavar="DIR", help="folder(s) of .txt/.md haystack text")
@@ -381,12 +384,12 @@ def _eval_qa(args) -> None:
     lloco = _load(args, args.store)
     report = evaluate_qa(lloco, examples, mode=args.mode, top_k=args.top_k, config=_config(args), expand=args.expand,
                          batch_size=args.batch_size, out=args.out, meta={"command": args.command_line},
-                         show_progress_bar=not args.json)
+                         show_progress_bar=not args.json, choice_scoring=args.choice_scoring)
     m = report["metrics"]
     _emit(args, {k: v for k, v in report.items() if k != "predictions"} | {"out": args.out}, "\n".join([
         f"{args.mode}: {m['examples']} examples ({m['open']} open, {m['multiple_choice']} multiple choice)",
         f"EM {pct(m['exact_match'])}  F1 {pct(m['f1'])}  contains {pct(m['contains'])}  "
-        f"MC accuracy {pct(m['accuracy'])}",
+        f"MC accuracy {pct(m['accuracy'])} ({args.choice_scoring})",
         f"mean prompt positions {m['mean_prompt_positions']}, source tokens {m['mean_source_tokens']}; "
         f"truncated {m['truncated']}, does not fit {m['does_not_fit']}; {m['mean_latency_s']} s/question",
         f"report: {args.out}" if args.out else "(no --out: per-example predictions not saved)"]))

@@ -77,6 +77,13 @@ class Generation:
     finish_reason: str  # "stop" (EOS or stop string) or "length"
 
 
+def end_of_answer_id(tokenizer) -> int:
+    """The token that closes an answer: the chat template's ``<|im_end|>``, else EOS. Training puts it after every
+    answer (``train.DecoderBatcher``), so scoring an option with it asks for the complete answer, not a prefix."""
+    eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return eot if isinstance(eot, int) and eot != tokenizer.unk_token_id else tokenizer.eos_token_id
+
+
 class Generator:
     """Decoder side of LLoCO over a shared ``Backbone``.
 
@@ -155,6 +162,42 @@ class Generator:
         for i in range(len(prompts)):
             texts[i] = _apply_stop(tok.decode(ids[i], skip_special_tokens=True), config.stop)[0]
         return [Generation(texts[i], lengths[i], len(ids[i]), reasons[i]) for i in range(len(prompts))]
+
+    @torch.inference_mode()
+    def score(self, prompts: Sequence[Sequence[Piece]], answers: Sequence[str],
+              adapters: Sequence[str | None] | str | None = None) -> list[float]:
+        """Log-probability of each complete answer (its tokens, then ``end_of_answer_id``) after its prompt.
+
+        Why: ranking the options of a multiple-choice question by likelihood (as lm-evaluation-harness does) asks
+        what the decoder knows, not whether a small decoder writes the letter it was asked for. One batched
+        forward pass; rows are left-padded so every answer ends at the last position."""
+        bb = self.backbone
+        if len(answers) != len(prompts):
+            raise ValueError("need one answer per prompt")
+        if adapters is None or isinstance(adapters, str):
+            adapters = [adapters] * len(prompts)
+        if len(adapters) != len(prompts):
+            raise ValueError("need one adapter name per prompt")
+        end = end_of_answer_id(bb.tokenizer)
+        targets = [bb.tokenizer(a, add_special_tokens=False)["input_ids"] + [end] for a in answers]
+        embeds = [torch.cat([self.embed_pieces(p), bb.embed(torch.tensor(t, device=bb.device)).to(bb.dtype)])
+                  for p, t in zip(prompts, targets)]
+        for e in embeds:
+            if e.shape[0] > bb.context_window:
+                raise PromptTooLongError(f"prompt and answer need {e.shape[0]} positions; the decoder window is "
+                                         f"{bb.context_window}")
+        width, keep = max(e.shape[0] for e in embeds), max(len(t) for t in targets) + 1
+        x = torch.zeros(len(embeds), width, bb.hidden_size, device=bb.device, dtype=bb.dtype)
+        mask = torch.zeros(len(embeds), width, device=bb.device, dtype=torch.long)
+        for i, e in enumerate(embeds):
+            x[i, width - e.shape[0]:] = e
+            mask[i, width - e.shape[0]:] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = bb.forward_mixed(list(adapters), inputs_embeds=x, attention_mask=mask, position_ids=pos,
+                                  logits_to_keep=keep).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)  # position j predicts token j + 1
+        return [logp[i, keep - 1 - len(t):].gather(-1, torch.tensor(t, device=logp.device)[:, None]).sum().item()
+                for i, t in enumerate(targets)]
 
     def stream(self, pieces: Sequence[Piece], config: GenerationConfig | None = None,
                adapter: str | None = None) -> Iterator[str]:

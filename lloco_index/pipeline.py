@@ -44,7 +44,8 @@ class Answer:
     adapter: str | None = None
     latency_s: float = 0.0  # of the whole decoder call (shared by the answers of one batch)
     new_tokens: int = 0
-    finish_reason: str = ""  # "stop" (EOS or stop string) or "length"
+    finish_reason: str = ""  # "stop" (EOS or stop string), "length", or "choice" (``LLoCO.choose``)
+    choice_scores: list[float] | None = None  # ``LLoCO.choose``: each option's log-probability as the answer
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -257,8 +258,6 @@ class LLoCO:
         LLoCO did for its adapters. Those vectors depend on the whole document, so they are not
         chunk-addressable: they are computed per call and never written to the store.
         """
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
         if accumulate:
             if top_k is not None:
                 raise ValueError("top_k selects chunks; accumulate mode compresses each context whole")
@@ -268,14 +267,42 @@ class LLoCO:
             n_src = sum(len(self.backbone.tokenizer(d, add_special_tokens=False)["input_ids"]) for d in docs)
             pieces = self._pieces_for(question, self.compressor.compress(docs, accumulate=True))
             return self._finish_batch([pieces], [[]], config, adapter, [n_src])[0]
+        keys, best = self._context_keys(question, contexts, expand, top_k)
+        return self._answer_keys(question, keys, config, adapter, best)
+
+    def choose(self, question: str, choices: Sequence[str], contexts: Sequence[str], adapter: str | None = None,
+               expand: int = 0, top_k: int | None = None) -> Answer:
+        """Multiple choice over whole documents: the option the decoder finds most likely as the complete answer
+        to ``question`` (``Generator.score``); ``answer`` is that option's text, ``choice_scores`` all of them.
+
+        Why not ask for a letter: a small decoder often writes an option's text or a wrong letter, so ranking
+        the options by likelihood measures what the context told it. ``expand`` and ``top_k`` as in ``answer``.
+        """
+        if len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
+            raise ValueError(f"need at least two non-empty choices, got {list(choices)!r}")
+        keys, best = self._context_keys(question, contexts, expand, top_k)
+        keys = arrange_expanded(keys, best, self.expand_at)
+        pieces, name = self._pieces(question, keys, best), self._adapter(adapter)
+        t0 = time.perf_counter()
+        scores = self.generator.score([pieces] * len(choices), list(choices), name)
+        return Answer(answer=choices[scores.index(max(scores))], prompt_tokens=self.generator.count_positions(pieces),
+                      source_tokens=self._source_tokens(keys),
+                      context_vectors=sum(x.shape[0] for x in pieces if isinstance(x, torch.Tensor)), chunks=keys,
+                      adapter=name, latency_s=time.perf_counter() - t0, finish_reason="choice", choice_scores=scores)
+
+    def _context_keys(self, question: str, contexts: Sequence[str], expand: int,
+                      top_k: int | None) -> tuple[list[str], set[str]]:
+        """Keys of the (``top_k`` most relevant, else all) chunks of ``contexts``, compressed and in document
+        order, and those of the ``expand`` best among them."""
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
         texts = [c.text for ctx in contexts for c in self.chunk(ctx)]
         if not texts:
             raise ValueError("no context text given")
         if top_k is not None:
             texts = [texts[i] for i in sorted(i for i, _ in BM25(texts).top_k(question, top_k))]
         keys = self.compress_texts(texts)
-        best = {keys[i] for i, _ in BM25(texts).top_k(question, expand)} if expand else set()
-        return self._answer_keys(question, keys, config, adapter, best)
+        return keys, {keys[i] for i, _ in BM25(texts).top_k(question, expand)} if expand else set()
 
     def complete(self, prompt: str | Messages, config: GenerationConfig | None = None, adapter: str | None = None,
                  stream: bool = False) -> Answer | Iterator[str]:

@@ -38,7 +38,7 @@ from .compressor import ENCODER_ADAPTER, CompressorConfig, ContextCompressor
 from .corpus import Corpus
 from .data import QAExample
 from .eval.metrics import gold_choice
-from .generation import Generator
+from .generation import Generator, end_of_answer_id
 from .prompts import SYSTEM_PROMPT, ExpandAt, arrange_expanded, check_expand_at, qa_pieces, question_text
 from .synth import Fact, insert_sentence, make_fact
 
@@ -387,9 +387,7 @@ class DecoderBatcher:
 
     def __init__(self, bb: Backbone):
         self.bb, self.gen = bb, Generator(bb)
-        self.eos = bb.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if not isinstance(self.eos, int) or self.eos == bb.tokenizer.unk_token_id:
-            self.eos = bb.tokenizer.eos_token_id
+        self.eos = end_of_answer_id(bb.tokenizer)
         self._ids: dict[str, list[int]] = {}  # the chat template's pieces recur in every row
 
     def _tokens(self, text: str) -> list[int]:

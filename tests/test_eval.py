@@ -131,6 +131,22 @@ def test_evaluate_qa_all_modes(tiny_lloco):
     assert [p["prediction"] for p in again["predictions"]] == [p["prediction"] for p in reports["lloco"]["predictions"]]
 
 
+def test_evaluate_qa_scores_multiple_choice_by_likelihood(tiny_lloco):
+    """``likelihood``: the bare question, one score per option, the best option as the prediction; open
+    questions are generated exactly as before."""
+    gen = evaluate_qa(tiny_lloco, EXAMPLES, mode="full", config=GEN)
+    lik = evaluate_qa(tiny_lloco, EXAMPLES, mode="full", config=GEN, choice_scoring="likelihood")
+    assert lik["choice_scoring"] == "likelihood" and gen["choice_scoring"] == "generate"
+    g, p = gen["predictions"], lik["predictions"]
+    assert [r["prediction"] for r in (g[0], g[2])] == [r["prediction"] for r in (p[0], p[2])]
+    scores = p[1]["choice_scores"]
+    assert len(scores) == 3 and p[1]["prediction"] == ["dog", "cat", "owl"][scores.index(max(scores))]
+    assert p[1]["correct"] == float(p[1]["prediction"] == "cat") == lik["metrics"]["accuracy"]
+    assert p[1]["prompt_positions"] < g[1]["prompt_positions"]  # no lettered options in the question
+    with pytest.raises(ValueError, match="choice_scoring must be one of generate, likelihood"):
+        evaluate_qa(tiny_lloco, EXAMPLES, mode="none", choice_scoring="letters")
+
+
 def test_evaluate_qa_resumes_after_interruption(tiny_lloco, tmp_path, monkeypatch):
     out = tmp_path / "r.json"
     gen, calls = tiny_lloco.generator, []

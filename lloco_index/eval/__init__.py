@@ -14,8 +14,9 @@ Example::
 from typing import TYPE_CHECKING
 
 MODES = ("lloco", "full", "rag", "none")  # what stands for the documents: vectors, all text, top-k text, nothing
+CHOICE_SCORING = ("generate", "likelihood")  # multiple choice: read the generated letter, or rank options by likelihood
 __all__ = ["evaluate_qa", "run_niah", "load_haystack", "plot_niah", "markdown_table", "compare_reports", "make_dev_set",
-           "DevSetConfig", "MODES"]
+           "DevSetConfig", "MODES", "CHOICE_SCORING"]
 
 if TYPE_CHECKING:
     from .devset import DevSetConfig, make_dev_set

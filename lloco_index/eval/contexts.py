@@ -129,30 +129,42 @@ class Outcome:
     finish_reason: str | None
     latency_s: float  # generation time of the batch / prompts generated in it
     prepare_s: float  # prompt building (chunking, compression, retrieval) / prompts in the batch
+    choice_scores: list[float] | None = None  # scored options: log-probability of each as the answer
 
 
 def answer_batches(builder: PromptBuilder, todo: Sequence[T], to_item: Callable[[T], tuple[str, Sequence[str]]],
-                   config: GenerationConfig, adapter: str | None, batch_size: int) -> Iterator[list[tuple[T, Outcome]]]:
+                   config: GenerationConfig, adapter: str | None, batch_size: int,
+                   options: Callable[[T], Sequence[str] | None] = lambda x: None) -> Iterator[list[tuple[T, Outcome]]]:
     """Answer ``todo`` ``batch_size`` at a time (``to_item`` gives each one's question and documents).
 
     Items are turned into prompts only when their batch comes (needle haystacks can be large).
     ``adapter`` is passed as is (``None`` = the base model), so callers resolve the LLoCO default first.
+    Items for which ``options`` gives options are not generated: every option is scored as the answer
+    (``Generator.score``) and the most likely one is the outcome's text.
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    gen = builder.lloco.generator
     for start in range(0, len(todo), batch_size):
         part = todo[start:start + batch_size]
         t0 = time.perf_counter()
         prompts = builder.build([to_item(x) for x in part])
         prepare = (time.perf_counter() - t0) / len(part)
-        fit = [p for p in prompts if p.fits]
+        fit = [(x, p) for x, p in zip(part, prompts) if p.fits]
         t0 = time.perf_counter()
-        gens = iter(builder.lloco.generator.generate([p.pieces for p in fit], config, [adapter] * len(fit))
-                    if fit else [])
+        free = [p.pieces for x, p in fit if not options(x)]
+        gens = iter(gen.generate(free, config, [adapter] * len(free)) if free else [])
+        rows = [(p.pieces, o) for x, p in fit for o in options(x) or []]
+        scores = iter(gen.score([r for r, _ in rows], [o for _, o in rows], adapter) if rows else [])
         latency = (time.perf_counter() - t0) / max(len(fit), 1)
         out = []
         for x, p in zip(part, prompts):
-            g = next(gens) if p.fits else None
-            out.append((x, Outcome(p, g.text.strip() if g else None, g.finish_reason if g else None,
-                                   latency if g else 0.0, prepare)))
+            if not p.fits:
+                out.append((x, Outcome(p, None, None, 0.0, prepare)))
+            elif opts := options(x):
+                s = [next(scores) for _ in opts]
+                out.append((x, Outcome(p, opts[s.index(max(s))], "choice", latency, prepare, s)))
+            else:
+                g = next(gens)
+                out.append((x, Outcome(p, g.text.strip(), g.finish_reason, latency, prepare)))
         yield out

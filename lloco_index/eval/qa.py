@@ -6,21 +6,24 @@ import hashlib
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Literal
 
 from ..data import QAExample
 from ..generation import GenerationConfig
 from ..pipeline import LLoCO
 from ..prompts import question_text
+from . import CHOICE_SCORING
 from .contexts import Mode, Outcome, PromptBuilder, answer_batches
 from .metrics import choice_correct, contains_answer, exact_match, gold_choice, token_f1
 from .report import EvalRun
+
+ChoiceScoring = Literal["generate", "likelihood"]
 
 
 def evaluate_qa(lloco: LLoCO, examples: Iterable[QAExample], mode: Mode = "lloco", top_k: int | None = None,
                 config: GenerationConfig | None = None, batch_size: int = 8, adapter: str | None = None,
                 out: str | Path | None = None, meta: dict | None = None, show_progress_bar: bool = False,
-                expand: int = 0) -> dict:
+                expand: int = 0, choice_scoring: ChoiceScoring = "generate") -> dict:
     """Answer every example in ``mode`` and score it.
 
     Args:
@@ -36,6 +39,9 @@ def evaluate_qa(lloco: LLoCO, examples: Iterable[QAExample], mode: Mode = "lloco
         meta: extra fields recorded in the report (e.g. the command line that made it).
         show_progress_bar: a tqdm bar over questions.
         expand: lloco mode: the K most relevant chunks go in as text (selective re-expansion).
+        choice_scoring: multiple choice: ``generate`` asks for the letter of an option (the lettered options in
+            the question) and reads the answer; ``likelihood`` asks the bare question and picks the option the
+            decoder finds most likely as the whole answer (``Generator.score``), as lm-evaluation-harness does.
 
     Returns:
         The report: settings, ``metrics`` (exact_match, f1, contains, accuracy, mean_prompt_positions, ...)
@@ -57,18 +63,23 @@ def evaluate_qa(lloco: LLoCO, examples: Iterable[QAExample], mode: Mode = "lloco
                 gold_choice(ex.choices, ex.answers)
             except ValueError as e:
                 raise ValueError(f"example {ex.id!r}: {e}") from None
+    if choice_scoring not in CHOICE_SCORING:
+        raise ValueError(f"choice_scoring must be one of {', '.join(CHOICE_SCORING)}, got {choice_scoring!r}")
     adapter = lloco.adapter if adapter is None else adapter
     builder = PromptBuilder(lloco, mode, top_k, config.max_new_tokens, truncate=True, expand=expand)
     data_hash = hashlib.sha256("\n".join(ex.to_json() for ex in examples).encode()).hexdigest()[:16]
     settings = {"kind": "qa", "mode": mode, "top_k": builder.top_k, "expand": expand, "expand_at": lloco.expand_at,
                 "model": lloco.backbone.name_or_path,
                 "adapter": adapter, "compressor": lloco.compressor.fingerprint(), "generation": asdict(config),
+                "choice_scoring": choice_scoring,
                 "dataset_sha256": data_hash}
     run = EvalRun(settings, ids, out, f"eval {mode}", show_progress_bar)
     t0 = time.perf_counter()
     todo = run.pending(examples, lambda ex: ex.id)
-    for pairs in answer_batches(builder, todo, lambda ex: (question_text(ex.question, ex.choices), ex.documents),
-                                config, adapter, batch_size):
+    scored = choice_scoring == "likelihood"
+    for pairs in answer_batches(builder, todo, lambda ex: (question_text(ex.question, None if scored else ex.choices),
+                                                           ex.documents),
+                                config, adapter, batch_size, lambda ex: ex.choices if scored else None):
         run.add([_record(ex, o) for ex, o in pairs])
     records = run.records()
     return run.finish({**settings, **(meta or {}), "device": str(lloco.backbone.device),
@@ -83,7 +94,11 @@ def _record(ex: QAExample, o: Outcome) -> dict:
            "truncated": p.truncated, "prompt_positions": p.positions, "source_tokens": p.source_tokens,
            "document_tokens": p.document_tokens, "chunks": p.chunks, "finish_reason": o.finish_reason,
            "latency_s": round(o.latency_s, 4), "prepare_s": round(o.prepare_s, 4)}
-    if ex.choices:
+    if ex.choices and o.choice_scores is not None:
+        best = o.choice_scores.index(max(o.choice_scores))
+        rec.update(choices=ex.choices, choice_scores=[round(x, 4) for x in o.choice_scores],
+                   correct=float(best == gold_choice(ex.choices, ex.answers)))
+    elif ex.choices:
         rec.update(choices=ex.choices, correct=choice_correct(pred, ex.choices, ex.answers))
     else:
         rec.update(exact_match=exact_match(pred, ex.answers), f1=token_f1(pred, ex.answers),
