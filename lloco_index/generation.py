@@ -164,40 +164,46 @@ class Generator:
         return [Generation(texts[i], lengths[i], len(ids[i]), reasons[i]) for i in range(len(prompts))]
 
     @torch.inference_mode()
-    def score(self, prompts: Sequence[Sequence[Piece]], answers: Sequence[str],
-              adapters: Sequence[str | None] | str | None = None) -> list[float]:
-        """Log-probability of each complete answer (its tokens, then ``end_of_answer_id``) after its prompt.
+    def score(self, prompts: Sequence[Sequence[Piece]], options: Sequence[Sequence[str]],
+              adapters: Sequence[str | None] | str | None = None) -> list[list[float]]:
+        """For each prompt, the log-probability of each of its options as the complete answer (the option's
+        tokens, then ``end_of_answer_id``).
 
         Why: ranking the options of a multiple-choice question by likelihood (as lm-evaluation-harness does) asks
-        what the decoder knows, not whether a small decoder writes the letter it was asked for. One batched
-        forward pass; rows are left-padded so every answer ends at the last position."""
+        what the decoder knows, not whether a small decoder writes the letter it was asked for. Each prompt is
+        read once; its KV cache is copied to its options, which are then scored in one batched pass."""
         bb = self.backbone
-        if len(answers) != len(prompts):
-            raise ValueError("need one answer per prompt")
-        if adapters is None or isinstance(adapters, str):
-            adapters = [adapters] * len(prompts)
-        if len(adapters) != len(prompts):
-            raise ValueError("need one adapter name per prompt")
+        if len(options) != len(prompts):
+            raise ValueError("need one list of options per prompt")
+        adapters = _adapter_names(adapters, len(prompts))
         end = end_of_answer_id(bb.tokenizer)
-        targets = [bb.tokenizer(a, add_special_tokens=False)["input_ids"] + [end] for a in answers]
-        embeds = [torch.cat([self.embed_pieces(p), bb.embed(torch.tensor(t, device=bb.device)).to(bb.dtype)])
-                  for p, t in zip(prompts, targets)]
-        for e in embeds:
-            if e.shape[0] > bb.context_window:
-                raise PromptTooLongError(f"prompt and answer need {e.shape[0]} positions; the decoder window is "
-                                         f"{bb.context_window}")
-        width, keep = max(e.shape[0] for e in embeds), max(len(t) for t in targets) + 1
-        x = torch.zeros(len(embeds), width, bb.hidden_size, device=bb.device, dtype=bb.dtype)
-        mask = torch.zeros(len(embeds), width, device=bb.device, dtype=torch.long)
-        for i, e in enumerate(embeds):
-            x[i, width - e.shape[0]:] = e
-            mask[i, width - e.shape[0]:] = 1
+        targets = [[bb.tokenizer(o, add_special_tokens=False)["input_ids"] + [end] for o in opts] for opts in options]
+        x, mask, lengths = self._left_pad([self.embed_pieces(p) for p in prompts])
+        for n, ts in zip(lengths, targets):
+            if ts and n + max(map(len, ts)) > bb.context_window:
+                raise PromptTooLongError(f"prompt and answer need {n + max(map(len, ts))} positions; the decoder "
+                                         f"window is {bb.context_window}")
+        rows = [i for i, ts in enumerate(targets) for _ in ts]
+        flat = [t for ts in targets for t in ts]
+        if not flat:
+            return [[] for _ in prompts]
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = bb.forward_mixed(list(adapters), inputs_embeds=x, attention_mask=mask, position_ids=pos,
-                                  logits_to_keep=keep).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)  # position j predicts token j + 1
-        return [logp[i, keep - 1 - len(t):].gather(-1, torch.tensor(t, device=logp.device)[:, None]).sum().item()
-                for i, t in enumerate(targets)]
+        out = bb.forward_mixed(adapters, inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=True,
+                               logits_to_keep=1)
+        at = torch.tensor(rows, device=bb.device)
+        first = torch.log_softmax(out.logits[:, -1].float(), -1)[at]  # predicts each option's first token
+        cache = out.past_key_values
+        cache.reorder_cache(at)  # one copy of the prompt's cache per option
+        width = max(map(len, flat))
+        ids = torch.tensor([t + [end] * (width - len(t)) for t in flat], device=bb.device)  # padding is masked
+        tail = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in flat], device=bb.device)
+        logits = bb.forward_mixed([adapters[r] for r in rows], input_ids=ids, attention_mask=torch.cat([mask[at], tail], 1),
+                                  position_ids=pos[at, -1:] + 1 + torch.arange(width, device=bb.device),
+                                  past_key_values=cache).logits.float()
+        logp = torch.cat([first[:, None], torch.log_softmax(logits[:, :-1], -1)], 1).gather(-1, ids[..., None])[..., 0]
+        sums = (logp * tail).sum(-1).tolist()
+        it = iter(sums)
+        return [[next(it) for _ in ts] for ts in targets]
 
     def stream(self, pieces: Sequence[Piece], config: GenerationConfig | None = None,
                adapter: str | None = None) -> Iterator[str]:
@@ -219,24 +225,15 @@ class Generator:
     def _decode(self, prompts, config: GenerationConfig, adapters, sync_every: int | None = None):
         """Core loop: yields ``(generated ids per row, prompt positions per row, finish reasons)``."""
         bb = self.backbone
-        if adapters is None or isinstance(adapters, str):
-            adapters = [adapters] * len(prompts)
-        if len(adapters) != len(prompts):
-            raise ValueError("need one adapter name per prompt")
-        embeds = [self.embed_pieces(p) for p in prompts]
-        lengths = [e.shape[0] for e in embeds]
+        adapters = _adapter_names(adapters, len(prompts))
+        x, mask, lengths = self._left_pad([self.embed_pieces(p) for p in prompts])
         limit = bb.context_window
         for n in lengths:
             if n + config.max_new_tokens > limit:
                 raise PromptTooLongError(
                     f"prompt needs {n} positions + {config.max_new_tokens} new tokens, but the decoder window is "
                     f"{limit}; use fewer chunks (--top-k) or fewer/shorter documents")
-        b, width = len(prompts), max(lengths)
-        x = torch.zeros(b, width, bb.hidden_size, device=bb.device, dtype=bb.dtype)
-        mask = torch.zeros(b, width, device=bb.device, dtype=torch.long)
-        for i, e in enumerate(embeds):
-            x[i, width - e.shape[0]:] = e
-            mask[i, width - e.shape[0]:] = 1
+        b = len(prompts)
         rng = torch.Generator(device=bb.device).manual_seed(config.seed)
 
         def sample(logits: torch.Tensor) -> torch.Tensor:
@@ -271,6 +268,18 @@ class Generator:
         finally:
             steps.close()
 
+    def _left_pad(self, embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """``[batch, width, hidden]`` inputs, their attention mask and each row's length: rows end together."""
+        bb = self.backbone
+        lengths = [e.shape[0] for e in embeds]
+        width = max(lengths)
+        x = torch.zeros(len(embeds), width, bb.hidden_size, device=bb.device, dtype=bb.dtype)
+        mask = torch.zeros(len(embeds), width, device=bb.device, dtype=torch.long)
+        for i, e in enumerate(embeds):
+            x[i, width - e.shape[0]:] = e
+            mask[i, width - e.shape[0]:] = 1
+        return x, mask, lengths
+
     def _eager_steps(self, x: torch.Tensor, mask: torch.Tensor, adapters: list[str | None],
                      sample) -> Iterator[list[int]]:
         """Next token of every row, step after step (DynamicCache; PEFT mixed-adapter batches)."""
@@ -287,6 +296,15 @@ class Generator:
             pos = pos + 1
             out = bb.forward_mixed(adapters, input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
                                    past_key_values=out.past_key_values, use_cache=True)
+
+
+def _adapter_names(adapters: Sequence[str | None] | str | None, n: int) -> list[str | None]:
+    """One adapter name per row (``None``: the base model)."""
+    if adapters is None or isinstance(adapters, str):
+        return [adapters] * n
+    if len(adapters) != n:
+        raise ValueError("need one adapter name per prompt")
+    return list(adapters)
 
 
 def _sample(logits: torch.Tensor, config: GenerationConfig, rng: torch.Generator) -> torch.Tensor:

@@ -284,7 +284,7 @@ class LLoCO:
         keys = arrange_expanded(keys, best, self.expand_at)
         pieces, name = self._pieces(question, keys, best), self._adapter(adapter)
         t0 = time.perf_counter()
-        scores = self.generator.score([pieces] * len(choices), list(choices), name)
+        scores = self.generator.score([pieces], [list(choices)], name)[0]
         return Answer(answer=choices[scores.index(max(scores))], prompt_tokens=self.generator.count_positions(pieces),
                       source_tokens=self._source_tokens(keys),
                       context_vectors=sum(x.shape[0] for x in pieces if isinstance(x, torch.Tensor)), chunks=keys,

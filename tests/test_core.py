@@ -119,17 +119,19 @@ def test_score_is_the_answer_log_probability_row_by_row(tiny_lloco):
     torch.manual_seed(0)
     prompts = [gen.chat_pieces(qa_pieces([torch.randn(3, bb.hidden_size)], "Name?")),
                gen.chat_pieces(qa_pieces(["The cat is Biscuit, a very old cat."], "What is the cat called?"))]
-    answers = ["Biscuit", "an old grey cat"]
-    scores = gen.score(prompts, answers)
-    for pieces, answer, got in zip(prompts, answers, scores):
-        ids = bb.tokenizer(answer, add_special_tokens=False)["input_ids"] + [end_of_answer_id(bb.tokenizer)]
-        x = torch.cat([gen.embed_pieces(pieces), bb.embed(torch.tensor(ids))])[None]
-        with torch.no_grad():
-            logp = torch.log_softmax(bb.model(inputs_embeds=x).logits[0, -len(ids) - 1:-1].float(), -1)
-        assert got == pytest.approx(logp[torch.arange(len(ids)), ids].sum().item(), abs=1e-3)
-    assert gen.score(prompts[:1], answers[:1])[0] == pytest.approx(scores[0], abs=1e-3)  # padding changes nothing
-    with pytest.raises(ValueError, match="one answer per prompt"):
-        gen.score(prompts, answers[:1])
+    options = [["Biscuit", "an old grey cat", ""], ["Tom"]]
+    scores = gen.score(prompts, options)
+    assert [len(s) for s in scores] == [3, 1]
+    for pieces, opts, got in zip(prompts, options, scores):
+        for answer, value in zip(opts, got):
+            ids = bb.tokenizer(answer, add_special_tokens=False)["input_ids"] + [end_of_answer_id(bb.tokenizer)]
+            x = torch.cat([gen.embed_pieces(pieces), bb.embed(torch.tensor(ids))])[None]
+            with torch.no_grad():
+                logp = torch.log_softmax(bb.model(inputs_embeds=x).logits[0, -len(ids) - 1:-1].float(), -1)
+            assert value == pytest.approx(logp[torch.arange(len(ids)), ids].sum().item(), abs=1e-3)
+    assert gen.score(prompts[:1], options[:1])[0] == pytest.approx(scores[0], abs=1e-3)  # unpadded alone
+    with pytest.raises(ValueError, match="one list of options per prompt"):
+        gen.score(prompts, options[:1])
 
 
 def test_choose_ranks_the_options_by_likelihood(tiny_lloco):
@@ -138,8 +140,8 @@ def test_choose_ranks_the_options_by_likelihood(tiny_lloco):
     assert a.finish_reason == "choice" and len(a.choice_scores) == 3 and a.context_vectors > 0
     assert a.answer == ["Biscuit", "Rex", "Tom"][a.choice_scores.index(max(a.choice_scores))]
     assert a.choice_scores == pytest.approx(
-        tiny_lloco.generator.score([tiny_lloco._pieces("What is the museum cat called?", a.chunks)] * 3,
-                                   ["Biscuit", "Rex", "Tom"], tiny_lloco.adapter), abs=1e-4)
+        tiny_lloco.generator.score([tiny_lloco._pieces("What is the museum cat called?", a.chunks)],
+                                   [["Biscuit", "Rex", "Tom"]], tiny_lloco.adapter)[0], abs=1e-4)
     with pytest.raises(ValueError, match="at least two non-empty choices"):
         tiny_lloco.choose("Q?", ["only one"], docs)
     with pytest.raises(ValueError, match="top_k must be >= 1"):

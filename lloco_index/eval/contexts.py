@@ -154,15 +154,15 @@ def answer_batches(builder: PromptBuilder, todo: Sequence[T], to_item: Callable[
         t0 = time.perf_counter()
         free = [p.pieces for x, p in fit if not options(x)]
         gens = iter(gen.generate(free, config, [adapter] * len(free)) if free else [])
-        rows = [(p.pieces, o) for x, p in fit for o in options(x) or []]
-        scores = iter(gen.score([r for r, _ in rows], [o for _, o in rows], adapter) if rows else [])
+        asked = [(p.pieces, options(x)) for x, p in fit if options(x)]
+        scores = iter(gen.score([p for p, _ in asked], [o for _, o in asked], adapter) if asked else [])
         latency = (time.perf_counter() - t0) / max(len(fit), 1)
         out = []
         for x, p in zip(part, prompts):
             if not p.fits:
                 out.append((x, Outcome(p, None, None, 0.0, prepare)))
             elif opts := options(x):
-                s = [next(scores) for _ in opts]
+                s = next(scores)
                 out.append((x, Outcome(p, opts[s.index(max(s))], "choice", latency, prepare, s)))
             else:
                 g = next(gens)
