@@ -31,12 +31,16 @@ from .decode_ops import decode_attention
 
 @dataclass
 class _Proj:
-    """A Linear's weight and bias, plus the adapter's A and scaled B in the model dtype, if any."""
+    """A Linear's weight and bias, plus the adapter's A and scaled B in the model dtype, if any.
+
+    ``dropout``: ``(rank, p)`` of each module whose A rows make up ``a``, with p its LoRA dropout while
+    training (empty when every p is 0: then no kernel is added). Only ``LeanStack`` (training) applies it."""
 
     w: torch.Tensor
     bias: torch.Tensor | None
     a: torch.Tensor | None = None
     b: torch.Tensor | None = None
+    dropout: tuple[tuple[int, float], ...] = ()
 
     def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ W.T (+ bias) (+ add) (+ x @ A.T @ B.T)`` for 2-D ``x``; ``add`` is updated in place
@@ -57,6 +61,9 @@ def _proj(module, adapter: str | None, dtype: torch.dtype) -> _Proj:
     if adapter is not None and adapter in getattr(module, "lora_A", {}):
         p.a = module.lora_A[adapter].weight.to(dtype)
         p.b = (module.lora_B[adapter].weight * module.scaling[adapter]).to(dtype)
+        drop = module.lora_dropout[adapter]  # nn.Dropout, or nn.Identity for p = 0
+        if drop.training and getattr(drop, "p", 0.0) > 0:
+            p.dropout = ((p.a.shape[0], drop.p),)
     return p
 
 
@@ -87,6 +94,9 @@ def _fused(modules: list, adapter: str | None, dtype: torch.dtype) -> _Proj:
         out.a = torch.cat([q.a if q.a is not None else weight.new_zeros(0, in_f) for q in parts])
         out.b = torch.block_diag(*[q.b if q.b is not None else weight.new_zeros(w.shape[0], 0)
                                    for q, w in zip(parts, ws)])
+        if any(q.dropout for q in parts):
+            out.dropout = tuple(q.dropout[0] if q.dropout else (0 if q.a is None else q.a.shape[0], 0.0)
+                                for q in parts)
     return out
 
 
@@ -283,13 +293,20 @@ class LeanStack:
 
 
 def _parts(p: _Proj) -> tuple:
-    return p.w, p.bias, p.a, p.b
+    return p.w, p.bias, p.a, p.b, p.dropout
 
 
-def _linear(x: torch.Tensor, w, bias, a, b) -> torch.Tensor:
-    """``_Proj`` out of place (autograd keeps every input it saved)."""
+def _linear(x: torch.Tensor, w, bias, a, b, dropout: tuple[tuple[int, float], ...] = ()) -> torch.Tensor:
+    """``_Proj`` out of place (autograd keeps every input it saved). With ``dropout``, as PEFT: each module's
+    LoRA reads its own dropped-out copy of ``x`` (in module order, so a seeded run draws PEFT's masks)."""
     y = F.linear(x, w, bias)
-    return y if a is None else y + F.linear(F.linear(x, a), b)
+    if a is None:
+        return y
+    if not dropout:
+        return y + F.linear(F.linear(x, a), b)
+    blocks = a.split([r for r, _ in dropout])
+    return y + F.linear(torch.cat([F.linear(F.dropout(x, p) if p else x, ai) for ai, (_, p) in zip(blocks, dropout)],
+                                  -1), b)
 
 
 def _attn_in(h, cos, sin, ln1, eps: float, qkv, heads: int, kv_heads: int, head_dim: int):

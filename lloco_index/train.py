@@ -179,8 +179,6 @@ def use_lean(bb: Backbone, compile: bool, checkpoint: bool) -> None:
     from .lean_llama import LeanStack, support
 
     reasons = [r for a in bb.adapters if (r := support(bb.model, a))]
-    reasons += [f"adapter {a!r} has LoRA dropout (LeanStack has none)" for a in bb.adapters
-                if getattr(bb.model.peft_config[a], "lora_dropout", 0) > 0]
     if reasons:
         logger.info("training through the transformers modules: %s", reasons[0])
         return
