@@ -143,6 +143,9 @@ def test_evaluate_qa_scores_multiple_choice_by_likelihood(tiny_lloco):
     assert len(scores) == 3 and p[1]["prediction"] == ["dog", "cat", "owl"][scores.index(max(scores))]
     assert p[1]["correct"] == float(p[1]["prediction"] == "cat") == lik["metrics"]["accuracy"]
     assert p[1]["prompt_positions"] < g[1]["prompt_positions"]  # no lettered options in the question
+    table = markdown_table([gen, lik], ["gen", "lik"])
+    acc = f"{100 * lik['metrics']['accuracy']:.1f}"
+    assert f"| {acc} (likelihood) |" in table and "(likelihood)" not in table.split("| lik |")[0]
     with pytest.raises(ValueError, match="choice_scoring must be one of generate, likelihood"):
         evaluate_qa(tiny_lloco, EXAMPLES, mode="none", choice_scoring="letters")
 

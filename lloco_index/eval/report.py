@@ -106,7 +106,7 @@ def markdown_table(reports: Sequence[dict], names: Sequence[str]) -> str:
             m = r["metrics"]
             out.append(f"| {name} | {r['mode']} | {r['top_k'] or '-'} | {r['adapter'] or 'base'} | {m['examples']} "
                        f"| {pct(m['exact_match'])} | {pct(m['f1'])} | {pct(m['contains'])} "
-                       f"| {pct(m['accuracy'])} | {_num(m['mean_prompt_positions'])} "
+                       f"| {_mc(r)} | {_num(m['mean_prompt_positions'])} "
                        f"| {_num(m['mean_source_tokens'])} | {m['truncated']} | {m['does_not_fit']} "
                        f"| {_num(m['mean_latency_s'], '.2f')} |")
     if niah:
@@ -122,6 +122,12 @@ def markdown_table(reports: Sequence[dict], names: Sequence[str]) -> str:
     if commands:
         out += ["", "Commands:", ""] + [f"- {n}: `{c}`" for n, c in commands]
     return "\n".join(out) + "\n"
+
+
+def _mc(report: dict) -> str:
+    """Multiple-choice accuracy, marked when the options were ranked by likelihood instead of generated."""
+    acc = pct(report["metrics"]["accuracy"])
+    return f"{acc} (likelihood)" if report.get("choice_scoring") == "likelihood" and acc != "-" else acc
 
 
 def _sign_test_p(a: int, b: int) -> float:
