@@ -217,6 +217,8 @@ class LLoCO:
     # -- retrieval and answering --------------------------------------------------------------
     def retrieve(self, question: str, top_k: int = 5) -> list[tuple[str, float]]:
         """``(key, score)`` of the best chunks in the store for ``question`` (BM25)."""
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
         if self.store is None:
             raise StoreError("retrieval needs a store: LLoCO.from_pretrained(..., store=DIR)")
         chunks = self.store.chunks()
@@ -270,17 +272,23 @@ class LLoCO:
         keys, best = self._context_keys(question, contexts, expand, top_k)
         return self._answer_keys(question, keys, config, adapter, best)
 
-    def choose(self, question: str, choices: Sequence[str], contexts: Sequence[str], adapter: str | None = None,
-               expand: int = 0, top_k: int | None = None) -> Answer:
-        """Multiple choice over whole documents: the option the decoder finds most likely as the complete answer
-        to ``question`` (``Generator.score``); ``answer`` is that option's text, ``choice_scores`` all of them.
+    def choose(self, question: str, choices: Sequence[str], contexts: Sequence[str] | None = None,
+               adapter: str | None = None, expand: int = 0, top_k: int | None = None) -> Answer:
+        """Multiple choice: the option the decoder finds most likely as the complete answer to ``question``
+        (``Generator.score``); ``answer`` is that option's text, ``choice_scores`` all of them.
 
+        With ``contexts``, over those documents as ``answer`` reads them (``top_k``, ``expand`` alike); without,
+        over the ``top_k`` (default 5) chunks retrieved from the store, as ``ask``.
         Why not ask for a letter: a small decoder often writes an option's text or a wrong letter, so ranking
-        the options by likelihood measures what the context told it. ``expand`` and ``top_k`` as in ``answer``.
+        the options by likelihood measures what the context told it.
         """
         if len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
             raise ValueError(f"need at least two non-empty choices, got {list(choices)!r}")
-        keys, best = self._context_keys(question, contexts, expand, top_k)
+        if contexts is None:
+            ranked = [k for k, _ in self.retrieve(question, 5 if top_k is None else top_k)]
+            keys, best = self._in_doc_order(ranked), set(ranked[:expand])
+        else:
+            keys, best = self._context_keys(question, contexts, expand, top_k)
         keys = arrange_expanded(keys, best, self.expand_at)
         pieces, name = self._pieces(question, keys, best), self._adapter(adapter)
         t0 = time.perf_counter()

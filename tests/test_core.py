@@ -6,6 +6,7 @@ import torch
 import pytest
 
 from lloco_index.backbone import UnknownAdapterError
+from lloco_index.cli import SAMPLES
 from lloco_index.compressor import CompressorConfig, ContextCompressor
 from lloco_index.generation import GenerationConfig, PromptTooLongError
 from lloco_index.pipeline import LLoCO
@@ -135,6 +136,8 @@ def test_score_is_the_answer_log_probability_row_by_row(tiny_lloco):
 
 
 def test_choose_ranks_the_options_by_likelihood(tiny_lloco):
+    with pytest.raises(StoreError, match="empty"):  # no documents given: retrieval from the (empty) store
+        tiny_lloco.choose("What is the museum cat called?", ["Biscuit", "Rex"])
     docs = ["The museum cat is called Biscuit. It sleeps by the lighthouse lamp."]
     a = tiny_lloco.choose("What is the museum cat called?", ["Biscuit", "Rex", "Tom"], docs)
     assert a.finish_reason == "choice" and len(a.choice_scores) == 3 and a.context_vectors > 0
@@ -144,6 +147,13 @@ def test_choose_ranks_the_options_by_likelihood(tiny_lloco):
                                    [["Biscuit", "Rex", "Tom"]], tiny_lloco.adapter)[0], abs=1e-4)
     with pytest.raises(ValueError, match="at least two non-empty choices"):
         tiny_lloco.choose("Q?", ["only one"], docs)
+    tiny_lloco.ingest([SAMPLES / "lighthouse_museum.txt"])
+    r = tiny_lloco.choose("What is the museum cat called?", ["Biscuit", "Rex"], top_k=2, expand=1)
+    ranked = [k for k, _ in tiny_lloco.retrieve("What is the museum cat called?", 2)]
+    assert sorted(r.chunks) == sorted(ranked) and r.chunks[-1] == ranked[0]  # the best one as text, last
+    assert len(ranked) == 2 and r.context_vectors > 0
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        tiny_lloco.choose("Q?", ["a", "b"], top_k=0)
     with pytest.raises(ValueError, match="top_k must be >= 1"):
         tiny_lloco.choose("Q?", ["a", "b"], docs, top_k=0)
 
