@@ -29,7 +29,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple, TypeVar
 from urllib.parse import quote
 
 import torch
@@ -38,6 +38,8 @@ from safetensors.torch import save
 
 if TYPE_CHECKING:
     from .verify import VerifyReport
+
+T = TypeVar("T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -118,6 +120,23 @@ def _write_durably(path: Path, data: bytes) -> None:
         raise
 
 
+def _when_unlocked(op: Callable[[], T], seconds: float) -> T:
+    """``op()``, retried while SQLite says "database is locked", for up to ``seconds``.
+
+    Why: switching a new index to WAL needs an exclusive lock, and SQLite fails that at once, without its busy
+    timeout, while another process opens the same new index (4 writers creating one store at the same moment
+    failed 3 times in 30)."""
+    deadline, pause = time.monotonic() + seconds, 0.005
+    while True:
+        try:
+            return op()
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(2 * pause, 0.25)
+
+
 class CompressedStore:
     """Open (``create=False``) or create a store bound to one compressor fingerprint.
 
@@ -193,7 +212,7 @@ class CompressedStore:
             return sqlite3.connect(f"file:{quote(str(self._index.absolute()))}?{mode}", uri=True,
                                    timeout=60, isolation_level=None)
         db = sqlite3.connect(self._index, timeout=60, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
+        _when_unlocked(lambda: db.execute("PRAGMA journal_mode=WAL"), seconds=60)
         db.execute("PRAGMA synchronous=FULL")
         return db
 
