@@ -43,6 +43,14 @@ def _gen(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
 
 
+def _answering(p: argparse.ArgumentParser) -> None:
+    """Options of the commands that answer one question (``ask``, ``answer``)."""
+    _common(p)
+    _gen(p)
+    p.add_argument("--choices", nargs="+", default=None, metavar="OPTION",
+                   help="multiple choice: print the option the decoder finds most likely as the answer (LLoCO.choose)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lloco", description="LLoCO: answer over compressed long contexts.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,8 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True)
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--stream", action="store_true")
-    _common(p)
-    _gen(p)
+    _answering(p)
 
     p = sub.add_parser("answer", help="whole-document mode: compress all given files and answer")
     p.add_argument("question")
@@ -75,8 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compress each file whole in AutoCompressor's recurrent mode, as LLoCO did (not cached)")
     p.add_argument("--top-k", type=int, default=None,
                    help="keep only the K chunks most relevant to the question (BM25); recommended for long inputs")
-    _common(p)
-    _gen(p)
+    _answering(p)
 
     p = sub.add_parser("info", help="describe a store")
     p.add_argument("--store", required=True)
@@ -219,7 +225,8 @@ def cmd_ingest(args) -> None:
 
 def _answer_out(args, ans) -> None:
     saved = ans.source_tokens / max(ans.context_vectors, 1)
-    _emit(args, ans.to_dict(), f"{ans.answer}\n[{ans.prompt_tokens} prompt positions; context of "
+    scores = "".join(f"\n  {s:9.3f}  {c}" for c, s in zip(args.choices, ans.choice_scores)) if args.choices else ""
+    _emit(args, ans.to_dict(), f"{ans.answer}{scores}\n[{ans.prompt_tokens} prompt positions; context of "
           f"{ans.source_tokens} tokens sent as {ans.context_vectors} vectors ({saved:.1f}x fewer)]")
 
 
@@ -229,6 +236,11 @@ def cmd_ask(args) -> None:
     if not (Path(args.store) / "index.sqlite").is_file():
         raise StoreError(f"no store at {args.store} (run `lloco ingest ... --store {args.store}` first)")
     lloco = _load(args, args.store)
+    if args.choices:
+        if args.stream:
+            raise ValueError("--choices scores the options; it does not stream")
+        _answer_out(args, lloco.choose(args.question, args.choices, top_k=args.top_k, expand=args.expand))
+        return
     if args.stream and not args.json:
         for delta in lloco.stream_ask(args.question, args.top_k, _config(args), expand=args.expand):
             print(delta, end="", flush=True)
@@ -240,8 +252,13 @@ def cmd_ask(args) -> None:
 def cmd_answer(args) -> None:
     from .chunking import read_text_file
 
+    if args.choices and args.accumulate:
+        raise ValueError("--choices works on chunks; it does not take --accumulate")
     texts = [read_text_file(f) for f in args.context]
     lloco = _load(args, args.store)
+    if args.choices:
+        _answer_out(args, lloco.choose(args.question, args.choices, texts, expand=args.expand, top_k=args.top_k))
+        return
     _answer_out(args, lloco.answer(args.question, texts, config=_config(args), expand=args.expand,
                                    accumulate=args.accumulate, top_k=args.top_k))
 

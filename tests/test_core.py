@@ -158,6 +158,31 @@ def test_choose_ranks_the_options_by_likelihood(tiny_lloco):
         tiny_lloco.choose("Q?", ["a", "b"], docs, top_k=0)
 
 
+def test_cli_answer_and_ask_with_choices(tiny_model_dir, tmp_path, capsys):
+    """``--choices`` prints the most likely option and every option's score; what does not combine is refused."""
+    import json
+
+    from lloco_index.cli import main
+
+    doc, store = tmp_path / "doc.txt", tmp_path / "store"
+    doc.write_text("The museum cat is called Biscuit. It sleeps by the lighthouse lamp.")
+    base = ["--model", str(tiny_model_dir), "--device", "cpu"]
+    options = ["Biscuit", "Rex", "Tom"]
+    assert main(["answer", "What is the cat called?", "--context", str(doc), "--choices", *options, *base,
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["finish_reason"] == "choice" and out["answer"] == options[out["choice_scores"].index(max(out["choice_scores"]))]
+    assert main(["ingest", str(doc), "--store", str(store), *base]) == 0
+    capsys.readouterr()
+    assert main(["ask", "What is the cat called?", "--store", str(store), "--top-k", "2", "--choices", *options,
+                 *base]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] in options and [line.split()[-1] for line in lines[1:4]] == options
+    assert main(["ask", "Q?", "--store", str(store), "--choices", "a", "b", "--stream", *base]) == 2
+    assert main(["answer", "Q?", "--context", str(doc), "--choices", "a", "b", "--accumulate", *base]) == 2
+    assert "does not take --accumulate" in capsys.readouterr().err
+
+
 def test_sampling_is_seeded(tiny_lloco):
     gen = tiny_lloco.generator
     p = gen.chat_pieces(qa_pieces([], "Tell me about the museum."))
