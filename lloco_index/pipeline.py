@@ -59,6 +59,11 @@ class IngestReport:
     source_tokens: int
 
 
+def _vector_count(pieces: Sequence[Piece]) -> int:
+    """Decoder positions a prompt spends on compressed vectors."""
+    return sum(x.shape[0] for x in pieces if isinstance(x, torch.Tensor))
+
+
 def bundled(model: str, part: str) -> Path | None:
     """Trained defaults shipped in the package (``pretrained/<model>/<part>``), if present."""
     path = PRETRAINED_DIR / model / part
@@ -295,7 +300,7 @@ class LLoCO:
         scores = self.generator.score([pieces], [list(choices)], name)[0]
         return Answer(answer=choices[scores.index(max(scores))], prompt_tokens=self.generator.count_positions(pieces),
                       source_tokens=self._source_tokens(keys),
-                      context_vectors=sum(x.shape[0] for x in pieces if isinstance(x, torch.Tensor)), chunks=keys,
+                      context_vectors=_vector_count(pieces), chunks=keys,
                       adapter=name, latency_s=time.perf_counter() - t0, finish_reason="choice", choice_scores=scores)
 
     def _context_keys(self, question: str, contexts: Sequence[str], expand: int,
@@ -386,6 +391,6 @@ class LLoCO:
         if source_tokens is None:
             source_tokens = [self._source_tokens(k) for k in keys]
         return [Answer(answer=g.text.strip(), prompt_tokens=g.prompt_tokens, source_tokens=n,
-                       context_vectors=sum(x.shape[0] for x in p if isinstance(x, torch.Tensor)), chunks=list(k),
+                       context_vectors=_vector_count(p), chunks=list(k),
                        adapter=name, latency_s=dt, new_tokens=g.new_tokens, finish_reason=g.finish_reason)
                 for p, k, g, n in zip(pieces, keys, gens, source_tokens)]

@@ -124,8 +124,8 @@ def _when_unlocked(op: Callable[[], T], seconds: float) -> T:
     """``op()``, retried while SQLite says "database is locked", for up to ``seconds``.
 
     Why: switching a new index to WAL needs an exclusive lock, and SQLite fails that at once, without its busy
-    timeout, while another process opens the same new index (4 writers creating one store at the same moment
-    failed 3 times in 30)."""
+    timeout, while another process opens the same new index (8 processes creating one store at the same moment
+    failed in 3 of 30 trials)."""
     deadline, pause = time.monotonic() + seconds, 0.005
     while True:
         try:
