@@ -43,6 +43,7 @@ def build_corpus(files: list[Path], tokenizer, out: Path, max_tokens: int, min_d
         if total >= max_tokens:
             break
     tokens = np.concatenate(ids)[:max_tokens]
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out, tokens=tokens, doc_starts=np.asarray(starts, dtype=np.int64))
     return {"tokens": int(tokens.size), "documents": len(starts), "file": str(out)}
 

@@ -40,7 +40,7 @@ from .data import QAExample
 from .eval.metrics import gold_choice
 from .generation import Generator, end_of_answer_id
 from .prompts import SYSTEM_PROMPT, ExpandAt, arrange_expanded, check_expand_at, qa_pieces, question_text
-from .synth import Fact, insert_sentence, make_fact
+from .synth import KINDS, Fact, insert_sentence, make_fact
 
 logger = logging.getLogger(__name__)
 DECODER_ADAPTER = "default"
@@ -78,6 +78,9 @@ class TrainConfig:
     max_chunks: int = 64  # qa/cloze contexts have min_chunks..max_chunks chunks (log-uniform)
     min_chunks: int = 1  # raise it to train mostly on long contexts (the decoder reads them least well)
     max_facts: int = 3  # qa: facts hidden per context
+    # qa: "kind:weight,..." draws those fact templates (synth.make_fact kinds) more or less often; the others
+    # weigh 1. E.g. "3:3,8:3" triples the two-part answers that long contexts cut in half. Empty: uniform
+    fact_weights: str = ""
     choice_prob: float = 0.0  # qa: chance the question comes with 4 lettered options (answer: the letter)
     expand_prob: float = 0.0  # qa/cloze: chance that one chunk is given as text (teaches `expand` mode)
     expand_at: str = "end"  # where that text chunk goes: "end" (after the vectors, as inference does) or "in_place"
@@ -112,6 +115,7 @@ class TrainConfig:
             raise ValueError(f"choice_prob is a probability in [0, 1], got {self.choice_prob}")
         if not (self.train_encoder or self.train_decoder):
             raise ValueError("train_encoder and train_decoder are both false: nothing would train")
+        fact_kind_weights(self.fact_weights)
 
     @classmethod
     def from_args(cls, pairs: dict[str, str]) -> "TrainConfig":
@@ -121,6 +125,25 @@ class TrainConfig:
                 raise ValueError(f"unknown training option --{k}; valid: {', '.join(sorted(fields))}")
         return cls(**{k: _parse_bool(k, v) if isinstance(getattr(cls(), k), bool) else type(getattr(cls(), k))(v)
                       for k, v in pairs.items()})
+
+
+def fact_kind_weights(spec: str) -> list[float] | None:
+    """``--fact_weights`` as one weight per fact kind, or None for uniform (the old draws, unchanged)."""
+    if not spec:
+        return None
+    weights = [1.0] * KINDS
+    for item in spec.split(","):
+        kind, _, weight = item.partition(":")
+        try:
+            k, w = int(kind), float(weight)
+        except ValueError:
+            raise ValueError(f"--fact_weights takes kind:weight pairs like 3:3,8:3, got {item!r}") from None
+        if not 0 <= k < KINDS or w < 0:
+            raise ValueError(f"--fact_weights: kinds are 0..{KINDS - 1} and weights >= 0, got {item!r}")
+        weights[k] = w
+    if not any(weights):
+        raise ValueError("--fact_weights gives every fact kind weight 0")
+    return weights
 
 
 def _parse_bool(name: str, value: str) -> bool:
@@ -204,6 +227,7 @@ class TaskSampler:
         self.rng, self.nrng = random.Random(seed), np.random.default_rng(seed)
         mix = [kv.split(":") for kv in cfg.task_mix.split(",")]
         self.tasks, self.weights = [k for k, _ in mix], [float(v) for _, v in mix]
+        self.kind_weights = fact_kind_weights(cfg.fact_weights)
         vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
         self.sentence_end = {i for i, t in enumerate(vocab) if t and (t.endswith(".") or "Ċ" in t or t.endswith("\n"))}
 
@@ -225,7 +249,7 @@ class TaskSampler:
     def qa(self, n_chunks: int, length: int) -> Example:
         """1..``max_facts`` facts hidden at sentence boundaries; the question asks about one of them,
         so the encoder must keep every fact, not guess which one matters."""
-        facts = [make_fact(self.rng) for _ in range(self.rng.randint(1, self.cfg.max_facts))]
+        facts = [make_fact(self.rng, self._fact_kind()) for _ in range(self.rng.randint(1, self.cfg.max_facts))]
         chunks = [self.corpus.window(self.nrng, length) for _ in range(n_chunks)]
         placed: dict[int, list[list[int]]] = {}
         for sentence in (s for f in facts for s in f.sentences):
@@ -243,6 +267,9 @@ class TaskSampler:
         if self.cfg.choice_prob and self.rng.random() < self.cfg.choice_prob:  # at 0 no draw: old data stay
             question, answer = self._multiple_choice(asked)
         return self._maybe_expand(Example(chunks, question, self._tokens(answer), sorted(placed)))
+
+    def _fact_kind(self) -> int | None:
+        return None if self.kind_weights is None else self.rng.choices(range(KINDS), self.kind_weights)[0]
 
     def _multiple_choice(self, fact: Fact) -> tuple[str, str]:
         """The question with the answer and 3 wrong options of the same template family (digits where the

@@ -24,6 +24,7 @@ from lloco_index.compressor import ENCODER_ADAPTER, CompressorConfig, ContextCom
 from lloco_index.corpus import Corpus, build_corpus
 from lloco_index.generation import Generator
 from lloco_index.prompts import SYSTEM_PROMPT, qa_pieces, question_text
+from lloco_index.synth import KINDS
 from lloco_index.bench_utils import Cost
 from lloco_index.train import (AE_QUESTION, DECODER_ADAPTER, DecoderBatcher, Example, TaskSampler, TrainConfig,
                                _lora, answer_loss, cut_vectors, encode_chunks, encoder_backward, qa_target,
@@ -507,6 +508,20 @@ def test_qa_can_ask_multiple_choice_with_options_of_the_same_kind(sampler, token
         assert len(digits) == 1, options  # a year among names would give the answer away
     with pytest.raises(ValueError, match="choice_prob"):
         replace(sampler.cfg, choice_prob=1.5)
+
+
+def test_fact_weights_choose_which_fact_templates_qa_draws(sampler, tokenizer):
+    only_two_part = ",".join(f"{k}:0" for k in range(KINDS) if k not in (3, 8))  # kinds 3 and 8 answer "X and Y"
+    two_part = TaskSampler(sampler.corpus, tokenizer, replace(sampler.cfg, fact_weights=only_two_part), seed=3)
+    answers = [tokenizer.decode(two_part.qa(2, 32).answer) for _ in range(30)]
+    assert all(" and " in a for a in answers), answers
+    uniform = [tokenizer.decode(TaskSampler(sampler.corpus, tokenizer, sampler.cfg, seed=3).qa(2, 32).answer)
+               for _ in range(30)]
+    assert not all(" and " in a for a in uniform)
+    for bad, match in (("3", "kind:weight"), ("13:2", "kinds are 0..12"), ("3:-1", "weights >= 0"),
+                       (",".join(f"{k}:0" for k in range(KINDS)), "weight 0")):
+        with pytest.raises(ValueError, match=match):
+            replace(sampler.cfg, fact_weights=bad)
 
 
 def test_finetune_input_errors(pretrained, tmp_path):
