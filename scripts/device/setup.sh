@@ -2,9 +2,10 @@
 # Source this on the GPU machine (device tool): installs carried wheels and points lloco at the carried model.
 # Expects the SmolLM2 GGUF in parts under /root/m (part1, part2, ...), each copied there by an earlier call of
 # the same warm machine that carried one .device-model/pN folder (a call carries at most 64 MiB with the tree):
-#   run(carry=[".device-model/p1"], "mkdir -p /root/m && cp .device-model/p1/* /root/m/"), then p2, p3.
+#   run(carry=[".device-model/p1"], "mkdir -p /root/m && cp .device-model/p1/* /root/m/"), then p2, p3, p4.
+# Four parts of ~25 MB leave room in each call for the tree (~24 MB) and a checkpoint or the data (~10-14 MB).
 # Make the parts here, from the project root: ../shared/tools/device-model-parts.sh && cat .device-model/[ab]/part* |
-#   (cd .device-model && split -b 33000000 --numeric-suffixes=1 -a 1 - part && for i in 1 2 3; do mkdir -p p$i; mv part$i p$i/; done)
+#   (cd .device-model && split -b 24600000 --numeric-suffixes=1 -a 1 - part && for i in 1 2 3 4; do mkdir -p p$i; mv part$i p$i/; done)
 set -e
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
