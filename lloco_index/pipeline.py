@@ -241,14 +241,13 @@ class LLoCO:
         ``expand``: the best-scoring ``expand`` chunks go in as text instead of vectors
         (selective re-expansion, as REFRAG does for facts that compression blurs), where ``self.expand_at`` says.
         """
-        ranked = [k for k, _ in self.retrieve(question, top_k)]
-        return self._answer_keys(question, self._in_doc_order(ranked), config, adapter, set(ranked[:expand]))
+        keys, best = self._retrieved_keys(question, top_k, expand)
+        return self._answer_keys(question, keys, config, adapter, best)
 
     def stream_ask(self, question: str, top_k: int = 5, config: GenerationConfig | None = None,
                    adapter: str | None = None, expand: int = 0) -> Iterator[str]:
-        ranked = [k for k, _ in self.retrieve(question, top_k)]
-        as_text = set(ranked[:expand])
-        keys = arrange_expanded(self._in_doc_order(ranked), as_text, self.expand_at)
+        keys, as_text = self._retrieved_keys(question, top_k, expand)
+        keys = arrange_expanded(keys, as_text, self.expand_at)
         pieces = self._pieces(question, keys, as_text)
         return self.generator.stream(pieces, config, self._adapter(adapter))
 
@@ -290,8 +289,7 @@ class LLoCO:
         if len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
             raise ValueError(f"need at least two non-empty choices, got {list(choices)!r}")
         if contexts is None:
-            ranked = [k for k, _ in self.retrieve(question, 5 if top_k is None else top_k)]
-            keys, best = self._in_doc_order(ranked), set(ranked[:expand])
+            keys, best = self._retrieved_keys(question, 5 if top_k is None else top_k, expand)
         else:
             keys, best = self._context_keys(question, contexts, expand, top_k)
         keys = arrange_expanded(keys, best, self.expand_at)
@@ -302,6 +300,12 @@ class LLoCO:
                       source_tokens=self._source_tokens(keys),
                       context_vectors=_vector_count(pieces), chunks=keys,
                       adapter=name, latency_s=time.perf_counter() - t0, finish_reason="choice", choice_scores=scores)
+
+    def _retrieved_keys(self, question: str, top_k: int, expand: int) -> tuple[list[str], set[str]]:
+        """Keys of the ``top_k`` chunks retrieved from the store, in document order, and those of the ``expand``
+        best-scoring among them."""
+        ranked = [k for k, _ in self.retrieve(question, top_k)]
+        return self._in_doc_order(ranked), set(ranked[:expand])
 
     def _context_keys(self, question: str, contexts: Sequence[str], expand: int,
                       top_k: int | None) -> tuple[list[str], set[str]]:
