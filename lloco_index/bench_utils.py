@@ -11,6 +11,7 @@ import statistics
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -73,6 +74,12 @@ def build_backbone(shape: Shape, device: torch.device, max_positions: int) -> Ba
         bb = Backbone.from_pretrained("smollm2-135m", device=device)
         bb.model.config.max_position_embeddings = max(bb.context_window, max_positions)
         return bb
+    return Backbone(random_llama(shape, device, max_positions), StubTokenizer(), f"random-llama-{shape.name}")
+
+
+def random_llama(shape: Shape, device: torch.device, max_positions: int = 4096, vocab: int | None = None):
+    """A LlamaForCausalLM of ``shape`` with random weights (seed 0), bf16 on CUDA, fp32 elsewhere.
+    ``vocab`` replaces the shape's vocabulary size (to match a real tokenizer)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     factor = max(1.0, max_positions / 4096)
@@ -80,13 +87,30 @@ def build_backbone(shape: Shape, device: torch.device, max_positions: int) -> Ba
         {"rope_type": "default", "rope_theta": 10000.0}
     cfg = LlamaConfig(hidden_size=shape.hidden, num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
                       num_key_value_heads=shape.kv_heads, intermediate_size=shape.intermediate,
-                      vocab_size=shape.vocab, max_position_embeddings=max(4096, max_positions),
+                      vocab_size=vocab or shape.vocab, max_position_embeddings=max(4096, max_positions),
                       rope_parameters=rope, attn_implementation="sdpa", pad_token_id=0, tie_word_embeddings=False)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
-    return Backbone(model, StubTokenizer(), f"random-llama-{shape.name}")
+        return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+
+
+def save_random_model(shape: Shape, tokenizer_from: str, out: str | Path, device: torch.device) -> Path:
+    """A model folder that ``lloco train`` and ``Backbone.from_pretrained`` load like any other: random weights
+    of ``shape`` (safetensors) with the tokenizer of ``tokenizer_from`` (an embedded name or a folder), whose
+    vocabulary sets the embedding size. For timing training at a shape no real checkpoint here has (LLaMA-2-7B)."""
+    from transformers import AutoTokenizer
+
+    from .models import resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer_from))
+    model = random_llama(shape, device, vocab=len(tok))
+    model.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    model.config.bos_token_id, model.config.eos_token_id = tok.bos_token_id, tok.eos_token_id
+    out = Path(out)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
 
 
 @dataclass

@@ -425,6 +425,26 @@ def test_training_shows_a_progress_bar(tiny_model_dir, corpus_file, tmp_path, ca
     assert "train:   0%" in err and "train: 100%" in err  # percent of max_steps or of max_minutes, whichever leads
 
 
+def test_a_random_model_of_a_bench_shape_trains_like_a_real_one(tiny_model_dir, corpus_file, tmp_path):
+    """``scripts/random_model.py``: random weights of a bench shape plus a real tokenizer make a folder that
+    training loads by path (how the 7B-shape MFU is measured where no 7B checkpoint is at hand)."""
+    from transformers import AutoTokenizer
+
+    from lloco_index.bench_utils import Shape, save_random_model
+
+    shape = Shape("test", hidden=32, layers=3, heads=4, kv_heads=2, intermediate=96, vocab=50)
+    folder = save_random_model(shape, str(tiny_model_dir), tmp_path / "random", torch.device("cpu"))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    bb = Backbone.from_pretrained(str(folder), device="cpu")
+    cfg = bb.model.config
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size) == (32, 3, 96)
+    assert cfg.vocab_size == len(tok) and bb.tokenizer(" the ferry")["input_ids"] == tok(" the ferry")["input_ids"]
+    assert list(folder.glob("*.safetensors")) and not list(folder.glob("*.bin"))
+    state = json.loads((train_compressor(tiny_cfg(folder, corpus_file, tmp_path / "run", max_steps=2),
+                                         held_out_eval=False) / "training_state.json").read_text())
+    assert state["step"] == 2 and state["train_config"]["base_model"] == str(folder) and 0 < state["mfu"] < 1
+
+
 def test_init_from_loads_saved_adapters(pretrained):
     from peft import get_peft_model_state_dict
 
