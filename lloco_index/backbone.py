@@ -20,16 +20,6 @@ from .models import DEFAULT_MODEL, hub_snapshot, is_hub_id, load_base_model
 BASE = "__base__"  # PEFT's name for "no adapter" in mixed-adapter batches
 
 
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device``, queued without making the host wait for the GPU.
-
-    CUDA stages a copy from pageable memory after a stream sync (its API sync rules), so such a copy, even with
-    ``non_blocking``, waits for every kernel queued before it; from pinned memory the copy is queued like a kernel."""
-    if torch.device(device).type != "cuda" or t.device.type != "cpu":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
-
-
 class UnknownAdapterError(KeyError):
     def __str__(self) -> str:  # KeyError quotes its message; we want a plain sentence
         return str(self.args[0])

@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .backbone import Backbone, to_device
+from .backbone import Backbone
 from .generation import check_cancelled
 
 ENCODER_ADAPTER = "lloco_encoder"
@@ -216,10 +216,10 @@ class ContextCompressor:
         n_prefix = 0 if prefix is None else prefix.shape[1]
         pad = bb.tokenizer.pad_token_id
         # built on the host, copied without waiting for the GPU (a blocking copy would drain its queue)
-        ids = to_device(torch.tensor([[pad] * (width - len(s)) + s for s in segments]), bb.device)
+        ids = torch.tensor([[pad] * (width - len(s)) + s for s in segments]).to(bb.device, non_blocking=True)
         padded = any(len(s) < width for s in segments)
-        mask = to_device(torch.tensor([[0] * (width - len(s)) + [1] * (n_prefix + len(s) + k) for s in segments]),
-                         bb.device) if padded else None
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * (n_prefix + len(s) + k) for s in segments]
+                            ).to(bb.device, non_blocking=True) if padded else None
         summary = self.summary.to(bb.dtype).unsqueeze(0).expand(len(segments), -1, -1)
         tokens = bb.embed(ids)
         if prefix is not None:  # padding goes before the prefix: [pad, prefix, segment, summary]

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .backbone import Backbone, to_device
+from .backbone import Backbone
 from .bench_utils import Cost, measure_peak_flops
 from .compressor import ENCODER_ADAPTER, CompressorConfig, ContextCompressor
 from .corpus import Corpus
@@ -437,7 +437,7 @@ class DecoderBatcher:
                 n += len(piece)
             rows.append(parts)
             label_rows.append([-100] * (n - len(ans) - 1) + ans + [self.eos])
-        emb = self.bb.embed(to_device(torch.tensor(ids), self.bb.device))
+        emb = self.bb.embed(torch.tensor(ids).to(self.bb.device, non_blocking=True))
         x = torch.nn.utils.rnn.pad_sequence(
             [torch.cat([emb[p[0]:p[1]] if isinstance(p, tuple) else p.to(emb.dtype) for p in parts]) for parts in rows],
             batch_first=True)
@@ -456,9 +456,9 @@ def answer_loss(bb: Backbone, x: torch.Tensor, labels: torch.Tensor,
         hidden = bb.hidden_states(x)  # right pad: causal only
     labels = labels.cpu()
     rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)  # position j predicts label j + 1
-    where = to_device(rows * hidden.shape[1] + cols, hidden.device)
+    where = (rows * hidden.shape[1] + cols).to(hidden.device, non_blocking=True)
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, where)
-    t = to_device(labels[rows, cols + 1], hidden.device)
+    t = labels[rows, cols + 1].to(hidden.device, non_blocking=True)
     head = bb.model.get_output_embeddings()
     ce = partial(checkpoint, _ce_sum, use_reentrant=False) if torch.is_grad_enabled() else _ce_sum
     parts = [ce(head, h[i:i + chunk_tokens], t[i:i + chunk_tokens]) for i in range(0, t.shape[0], chunk_tokens)]

