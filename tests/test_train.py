@@ -25,7 +25,7 @@ from lloco_index.corpus import Corpus, build_corpus
 from lloco_index.generation import Generator
 from lloco_index.prompts import SYSTEM_PROMPT, qa_pieces, question_text
 from lloco_index.synth import KINDS
-from lloco_index.bench_utils import Cost
+from lloco_index.bench_utils import Cost, Shape, save_random_model
 from lloco_index.train import (AE_QUESTION, DECODER_ADAPTER, DecoderBatcher, Example, TaskSampler, TrainConfig,
                                _lora, answer_loss, cut_vectors, encode_chunks, encoder_backward, qa_target,
                                setup_models, step_flops, train_compressor, train_finetune)
@@ -429,8 +429,6 @@ def test_a_random_model_of_a_bench_shape_trains_like_a_real_one(tiny_model_dir, 
     """``scripts/random_model.py``: random weights of a bench shape plus a real tokenizer make a folder that
     training loads by path (how the 7B-shape MFU is measured where no 7B checkpoint is at hand)."""
     from transformers import AutoTokenizer
-
-    from lloco_index.bench_utils import Shape, save_random_model
 
     shape = Shape("test", hidden=32, layers=3, heads=4, kv_heads=2, intermediate=96, vocab=50)
     folder = save_random_model(shape, str(tiny_model_dir), tmp_path / "random", torch.device("cpu"))
