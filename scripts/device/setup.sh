@@ -6,6 +6,10 @@
 # Four parts of ~25 MB leave room in each call for the tree (~24 MB) and a checkpoint or the data (~10-14 MB).
 # Make the parts here, from the project root: ../shared/tools/device-model-parts.sh && cat .device-model/[ab]/part* |
 #   (cd .device-model && split -b 24600000 --numeric-suffixes=1 -a 1 - part && for i in 1 2 3 4; do mkdir -p p$i; mv part$i p$i/; done)
+# Every call must carry the ignored folders it reads (.devdata, .whl, a checkpoint): a call that does not name one in
+# its carry finds none, even if an earlier call on the same machine carried it. Copy what later calls need outside
+# the tree (/root/...), as the model parts are. `python3 -m` puts the working folder first on sys.path, so another
+# copy of the package (a baseline commit, say) must be run from its own folder, not through PYTHONPATH.
 set -e
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
