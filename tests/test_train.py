@@ -27,7 +27,7 @@ from lloco_index.prompts import SYSTEM_PROMPT, qa_pieces, question_text
 from lloco_index.synth import KINDS
 from lloco_index.bench_utils import Cost, Shape, save_random_model
 from lloco_index.train import (AE_QUESTION, DECODER_ADAPTER, DecoderBatcher, Example, TaskSampler, TrainConfig,
-                               _lora, answer_loss, cut_vectors, encode_chunks, encoder_backward, qa_target,
+                               _average_gradients, _lora, answer_loss, cut_vectors, encode_chunks, encoder_backward, qa_target,
                                setup_models, step_flops, train_compressor, train_finetune)
 
 # every field a tiny run changes from the production defaults (also the CLI flags of the CLI test)
@@ -746,6 +746,28 @@ def test_two_processes_train_one_model(tiny_model_dir, corpus_file, tmp_path):
                                   "max_steps": 1000, "max_minutes": 0.15, "out_dir": str(tmp_path / "ddp")})
     state = json.loads((tmp_path / "ddp" / "training_state.json").read_text())
     assert state["processes"] == 2 and state["replicas_in_sync"] is True and 1 < state["step"] < 1000
+
+
+def test_gradients_are_averaged_in_one_collective_and_land_on_their_own_parameters():
+    """One all-reduce of a flat buffer: every gradient comes back to its own parameter in its shape and dtype,
+    and a parameter this process left untouched takes part as zeros (a peer may have touched it)."""
+    class HalfWithZeroPeer:  # what "mean" over two processes gives when the peer's gradients are all zero
+        calls = 0
+
+        def reduce(self, t: torch.Tensor, op: str) -> torch.Tensor:
+            assert op == "mean" and t.dtype == torch.float32
+            self.calls += 1
+            return t / 2
+
+    params = [torch.zeros(3, 2, requires_grad=True), torch.zeros(4, requires_grad=True),
+              torch.zeros(2, 2, dtype=torch.bfloat16, requires_grad=True)]
+    params[0].grad, params[2].grad = torch.arange(6.0).view(3, 2), torch.full((2, 2), 4.0, dtype=torch.bfloat16)
+    acc = HalfWithZeroPeer()
+    _average_gradients(acc, params)
+    assert acc.calls == 1
+    assert torch.equal(params[0].grad, torch.arange(6.0).view(3, 2) / 2)
+    assert torch.equal(params[1].grad, torch.zeros(4))
+    assert params[2].grad.dtype == torch.bfloat16 and torch.equal(params[2].grad.float(), torch.full((2, 2), 2.0))
 
 
 def test_two_processes_finetune_share_one_store(pretrained, tmp_path):
