@@ -106,6 +106,10 @@ class TrainConfig:
     # gained 0.7 MFU points in autoencoding and lost 0.4 on 256-chunk contexts (docs/training.md)
     compile: bool = False
     loss_chunk_tokens: int = 8192  # answer tokens per vocabulary-projection chunk (bounds the logits' memory)
+    # > 1: answer tokens that must be copied exactly (a digit, or seen fewer than rare_token_count times in the
+    # corpus: pieces of names and codes) weigh this much more in the loss than the others (exact_token_weights)
+    exact_token_weight: float = 1.0
+    rare_token_count: int = 100
 
     def __post_init__(self):
         check_expand_at(self.expand_at)
@@ -445,9 +449,22 @@ class DecoderBatcher:
         return x, labels
 
 
-def answer_loss(bb: Backbone, x: torch.Tensor, labels: torch.Tensor,
-                chunk_tokens: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean CE over answer tokens (and token accuracy); logits only where there is a label.
+def exact_token_weights(tokenizer, counts: np.ndarray, weight: float, rare_below: int) -> torch.Tensor:
+    """Loss weight per vocabulary entry: ``weight`` for tokens a reader must copy exactly (any digit, and tokens
+    the corpus holds fewer than ``rare_below`` times: pieces of names and codes), 1 for the rest.
+
+    The compressor drops exactly these (docs/training.md: wrong years are near misses, names come out misspelt),
+    while a plain mean lets the ~88% of tokens the decoder could guess from the language alone steer its gradient."""
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    counts = np.pad(counts, (0, max(0, len(pieces) - len(counts))))
+    exact = np.array([any(c.isdigit() for c in p) for p in pieces]) | (counts[:len(pieces)] < rare_below)
+    return torch.from_numpy(np.where(exact, weight, 1.0).astype(np.float32))
+
+
+def answer_loss(bb: Backbone, x: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 8192,
+                token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean CE over answer tokens (and token accuracy); logits only where there is a label. With
+    ``token_weights`` (one per vocabulary entry, on the model's device) the mean is weighted by the target token.
 
     The vocabulary projection runs ``chunk_tokens`` rows at a time under activation checkpointing, so a
     step of 256 autoencoded 512-token chunks never holds its 131k x 49k fp32 logits (26 GB) at once.
@@ -460,14 +477,18 @@ def answer_loss(bb: Backbone, x: torch.Tensor, labels: torch.Tensor,
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, where)
     t = labels[rows, cols + 1].to(hidden.device, non_blocking=True)
     head = bb.model.get_output_embeddings()
+    w = token_weights[t] if token_weights is not None else torch.ones_like(t, dtype=torch.float32)
     ce = partial(checkpoint, _ce_sum, use_reentrant=False) if torch.is_grad_enabled() else _ce_sum
-    parts = [ce(head, h[i:i + chunk_tokens], t[i:i + chunk_tokens]) for i in range(0, t.shape[0], chunk_tokens)]
-    return sum(p[0] for p in parts) / t.shape[0], sum(p[1] for p in parts) / t.shape[0]
+    parts = [ce(head, h[i:i + chunk_tokens], t[i:i + chunk_tokens], w[i:i + chunk_tokens])
+             for i in range(0, t.shape[0], chunk_tokens)]
+    return sum(p[0] for p in parts) / w.sum(), sum(p[1] for p in parts) / t.shape[0]
 
 
-def _ce_sum(head: torch.nn.Module, h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _ce_sum(head: torch.nn.Module, h: torch.Tensor, t: torch.Tensor,
+            w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     logits = head(h).float()
-    return F.cross_entropy(logits, t, reduction="sum"), (logits.argmax(-1) == t).sum().float().detach()
+    ce = F.cross_entropy(logits, t, reduction="none")
+    return (ce * w).sum(), (logits.argmax(-1) == t).sum().float().detach()
 
 
 # -- the loop ---------------------------------------------------------------------------------
@@ -565,6 +586,8 @@ def train_compressor(cfg: TrainConfig, held_out_eval: bool = True) -> Path:
         rng = np.random.default_rng(cfg.seed)
         comp.fit_vector_mean([train_c.window(rng, cfg.segment_tokens) for _ in range(256)])
     sampler = TaskSampler(train_c, bb.tokenizer, cfg, cfg.seed + 1000 * acc.process_index)
+    weights = None if cfg.exact_token_weight == 1 else exact_token_weights(
+        bb.tokenizer, np.bincount(train_c.tokens), cfg.exact_token_weight, cfg.rare_token_count).to(acc.device)
     held = TaskSampler(held_c, bb.tokenizer, replace(cfg, expand_prob=0.0), 12345)  # eval: vectors only
     batcher = DecoderBatcher(bb)
     lora = [p for n, p in bb.model.named_parameters() if p.requires_grad]
@@ -572,7 +595,8 @@ def train_compressor(cfg: TrainConfig, held_out_eval: bool = True) -> Path:
     if cfg.train_encoder:
         groups.append({"params": [comp.summary], "lr": cfg.summary_lr})
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=acc.device.type == "cuda")
-    return _loop(cfg, acc, bb, comp, opt, sampler.step, held if held_out_eval else None, batcher, cfg.max_steps)
+    return _loop(cfg, acc, bb, comp, opt, sampler.step, held if held_out_eval else None, batcher, cfg.max_steps,
+                 weights)
 
 
 def qa_target(ex: QAExample) -> tuple[str, str]:
@@ -594,6 +618,8 @@ def train_finetune(cfg: TrainConfig) -> Path:
     if not cfg.qa_file:
         raise ValueError("finetune needs --qa_file FILE.jsonl")
     acc = Accelerator(mixed_precision="bf16" if cfg.bf16 and torch.cuda.is_available() else "no")
+    if cfg.exact_token_weight != 1:
+        raise ValueError("exact_token_weight weighs tokens by their corpus counts: compressor training only")
     cfg = replace(cfg, train_encoder=False)  # LLoCO finetuning never changes the compressor
     torch.manual_seed(cfg.seed)
     bb, comp = setup_models(cfg, acc.device)
@@ -667,13 +693,14 @@ def _in_sync(acc, params: list[torch.Tensor]) -> bool:
     return _across(acc, float(same), "sum") == acc.num_processes
 
 
-def _loop(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int) -> Path:
+def _loop(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int,
+          token_weights: torch.Tensor | None = None) -> Path:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     # cuDNN attention cost ~2 ms of host time per call in the H100 profile (docs/training.md), more than its
     # kernel: with a few hundred calls a step the loop waited on it. Flash attention launches in microseconds.
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-        out = _steps(cfg, acc, bb, comp, opt, next_batch, held, batcher, total)
+        out = _steps(cfg, acc, bb, comp, opt, next_batch, held, batcher, total, token_weights)
     # Every process waits for process 0's final save, then the process group is torn down explicitly: a process
     # that left while its peer still saved was killed at interpreter exit by gloo ("terminate called without an
     # active exception", SIGABRT) in CI.
@@ -682,7 +709,8 @@ def _loop(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int) -> Pat
     return out
 
 
-def _steps(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int) -> Path:
+def _steps(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int,
+           token_weights: torch.Tensor | None) -> Path:
     from tqdm.auto import tqdm
 
     out = Path(cfg.out_dir)
@@ -715,7 +743,7 @@ def _steps(cfg, acc, bb, comp, opt, next_batch, held, batcher, total: int) -> Pa
             with _phase("decoder_batch"):
                 x, labels = batcher(vecs, [e.question for e in exs], [e.answer for e in exs])
             with _phase("decoder_loss"):
-                loss, tok_acc = answer_loss(bb, x, labels, cfg.loss_chunk_tokens)
+                loss, tok_acc = answer_loss(bb, x, labels, cfg.loss_chunk_tokens, token_weights)
         with _phase("backward"), bb.use(DECODER_ADAPTER):
             acc.backward(loss)
         with _phase("encoder_backward"):

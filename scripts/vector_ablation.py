@@ -5,7 +5,9 @@
 Held-out examples of a training task (default qa: one invented fact hidden in real text; the training sampler
 on the corpus' held-out tail) are scored with the answer teacher-forced, under four contexts: the example's own vectors, another
 example's vectors (same shapes, wrong content), the chunks as plain text, and no context. If own and
-another's vectors score alike, the vectors carry the gist of the text but not its facts.
+another's vectors score alike, the vectors carry the gist of the text but not its facts. The exact-token loss is
+the same loss over the answer tokens that must be copied exactly (digits, and tokens rare in the corpus:
+``train.exact_token_weights``), the ones the compressor loses first.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lloco_index.compressor import CONFIG_NAME, CompressorConfig
 from lloco_index.corpus import Corpus
 from lloco_index.pipeline import bundled
-from lloco_index.train import DecoderBatcher, TaskSampler, TrainConfig, answer_loss, encode_chunks, setup_models
+from lloco_index.train import (DecoderBatcher, TaskSampler, TrainConfig, answer_loss, encode_chunks,
+                               exact_token_weights, setup_models)
 
 
 @torch.no_grad()
@@ -41,7 +45,8 @@ def main() -> None:
                       train_encoder=False)
     bb, comp = setup_models(cfg, torch.device(args.device))
     bb.model.eval()
-    _, held = Corpus.load(args.corpus).split()
+    train, held = Corpus.load(args.corpus).split()
+    exact = (exact_token_weights(bb.tokenizer, np.bincount(train.tokens), 2.0, cfg.rare_token_count) > 1).float()
     sampler = TaskSampler(held, bb.tokenizer, replace(cfg, segment_tokens=comp.config.segment_tokens), seed=7)
     exs = [getattr(sampler, args.task)(args.chunks, comp.config.segment_tokens) for _ in range(args.n)]
     own = encode_chunks(comp, exs, 0)
@@ -55,8 +60,11 @@ def main() -> None:
     for name, ctx in contexts.items():
         x, labels = batcher(ctx, [e.question for e in exs], [e.answer for e in exs])
         loss, acc = answer_loss(bb, x, labels)
-        rows[name] = {"answer_loss": round(loss.item(), 4), "answer_token_accuracy": round(acc.item(), 4)}
-        print(f"{name:<28} answer loss {loss.item():.3f}   answer-token accuracy {acc.item():.3f}")
+        exact_loss, _ = answer_loss(bb, x, labels, token_weights=exact.to(x.device))
+        rows[name] = {"answer_loss": round(loss.item(), 4), "answer_token_accuracy": round(acc.item(), 4),
+                      "exact_token_loss": round(exact_loss.item(), 4)}
+        print(f"{name:<28} answer loss {loss.item():.3f}   answer-token accuracy {acc.item():.3f}   "
+              f"exact-token loss {exact_loss.item():.3f}")
     if args.out:
         args.out.write_text(json.dumps({"init_from": args.init_from, "task": args.task, "n": args.n, "chunks": args.chunks,
                                         "compressor": comp.fingerprint(), "results": rows}, indent=2))

@@ -27,8 +27,8 @@ from lloco_index.prompts import SYSTEM_PROMPT, qa_pieces, question_text
 from lloco_index.synth import KINDS
 from lloco_index.bench_utils import Cost, Shape, save_random_model
 from lloco_index.train import (AE_QUESTION, DECODER_ADAPTER, DecoderBatcher, Example, TaskSampler, TrainConfig,
-                               _average_gradients, _lora, answer_loss, cut_vectors, encode_chunks, encoder_backward, qa_target,
-                               setup_models, step_flops, train_compressor, train_finetune)
+                               _average_gradients, _lora, answer_loss, cut_vectors, encode_chunks, encoder_backward,
+                               exact_token_weights, qa_target, setup_models, step_flops, train_compressor, train_finetune)
 
 # every field a tiny run changes from the production defaults (also the CLI flags of the CLI test)
 TINY = dict(segment_tokens=32, summary_tokens=4, encoder_r=2, encoder_alpha=4, decoder_r=2, decoder_alpha=4,
@@ -101,6 +101,44 @@ def _batch(models, tokenizer):
     answers = [tokenizer(" Miriam Okafor", add_special_tokens=False)["input_ids"],
                tokenizer(" noon", add_special_tokens=False)["input_ids"]]
     return vectors, questions, answers
+
+
+def test_weighted_answer_loss_weighs_each_answer_token_by_its_target(models, tokenizer):
+    """With per-vocabulary weights the loss is the weighted mean CE of the answer tokens; the accuracy stays a
+    plain share of tokens."""
+    bb, _ = models
+    vectors, questions, answers = _batch(models, tokenizer)
+    x, labels = DecoderBatcher(bb)(vectors, questions, answers)
+    weights = torch.rand(bb.model.get_output_embeddings().weight.shape[0]) + 0.5
+    loss, acc = answer_loss(bb, x, labels, 3, weights)
+    plain, plain_acc = answer_loss(bb, x, labels, 3)
+    with torch.no_grad(), bb.use(DECODER_ADAPTER):
+        logits = bb.model(inputs_embeds=x).logits.float()
+    pos = [(i, t) for i in range(x.shape[0]) for t in range(x.shape[1] - 1) if labels[i, t + 1] != -100]
+    ce = torch.stack([F.cross_entropy(logits[i, t], labels[i, t + 1]) for i, t in pos])
+    w = torch.stack([weights[labels[i, t + 1]] for i, t in pos])
+    torch.testing.assert_close(loss.detach(), (ce * w).sum() / w.sum(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(acc, plain_acc)
+    assert not torch.isclose(loss, plain)
+
+
+def test_exact_token_weights_mark_digits_and_tokens_rare_in_the_corpus(tokenizer):
+    vocab = len(tokenizer)
+    counts = np.full(vocab - 5, 1000)  # shorter than the vocabulary: missing counts are zeros (rare)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(vocab)))
+    digits = [i for i, p in enumerate(pieces) if any(c.isdigit() for c in p) and i < vocab - 5]
+    common, rare = [i for i, p in enumerate(pieces) if p.isalpha()][:2]
+    counts[rare] = 3
+    w = exact_token_weights(tokenizer, counts, 4.0, rare_below=100)
+    assert w.shape == (vocab,) and digits and (w[digits] == 4).all()
+    assert w[common] == 1 and w[rare] == 4 and (w[vocab - 5:] == 4).all()
+    assert set(w.tolist()) == {1.0, 4.0}
+
+
+def test_finetune_refuses_corpus_weights(pretrained, tmp_path):
+    cfg, pre = pretrained
+    with pytest.raises(ValueError, match="compressor training only"):
+        train_finetune(replace(cfg, qa_file=str(tmp_path / "qa.jsonl"), init_from=str(pre), exact_token_weight=4))
 
 
 def test_decoder_batcher_labels_only_answer_and_eos(models, tokenizer):
@@ -663,7 +701,7 @@ def test_vector_ablation_script_scores_four_contexts(pretrained, corpus_file, tm
     assert report["task"] == "ae" and report["n"] == 3
     assert set(report["results"]) == {"own vectors", "another example's vectors", "chunks as text", "no context"}
     assert all(math.isfinite(r["answer_loss"]) and 0 <= r["answer_token_accuracy"] <= 1
-               for r in report["results"].values())
+               and math.isfinite(r["exact_token_loss"]) for r in report["results"].values())
 
 
 def test_center_vectors_fits_saves_and_subtracts_the_mean(tiny_model_dir, corpus_file, tmp_path):
