@@ -120,6 +120,8 @@ class TrainConfig:
         if not (self.train_encoder or self.train_decoder):
             raise ValueError("train_encoder and train_decoder are both false: nothing would train")
         fact_kind_weights(self.fact_weights)
+        if self.exact_token_weight <= 0:
+            raise ValueError(f"exact_token_weight must be > 0 (1 = a plain mean), got {self.exact_token_weight}")
 
     @classmethod
     def from_args(cls, pairs: dict[str, str]) -> "TrainConfig":
@@ -449,16 +451,21 @@ class DecoderBatcher:
         return x, labels
 
 
+def exact_tokens(tokenizer, counts: np.ndarray, rare_below: int) -> torch.Tensor:
+    """Which vocabulary entries a reader must copy exactly: any with a digit, and those the corpus (``counts``,
+    one per token id; missing ids count 0) holds fewer than ``rare_below`` times: pieces of names and codes."""
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    counts = np.pad(counts, (0, max(0, len(pieces) - len(counts))))
+    digits = np.array([any(c.isdigit() for c in p) for p in pieces])
+    return torch.from_numpy(digits | (counts[:len(pieces)] < rare_below))
+
+
 def exact_token_weights(tokenizer, counts: np.ndarray, weight: float, rare_below: int) -> torch.Tensor:
-    """Loss weight per vocabulary entry: ``weight`` for tokens a reader must copy exactly (any digit, and tokens
-    the corpus holds fewer than ``rare_below`` times: pieces of names and codes), 1 for the rest.
+    """Loss weight per vocabulary entry: ``weight`` for the exact tokens (``exact_tokens``), 1 for the rest.
 
     The compressor drops exactly these (docs/training.md: wrong years are near misses, names come out misspelt),
     while a plain mean lets the ~88% of tokens the decoder could guess from the language alone steer its gradient."""
-    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    counts = np.pad(counts, (0, max(0, len(pieces) - len(counts))))
-    exact = np.array([any(c.isdigit() for c in p) for p in pieces]) | (counts[:len(pieces)] < rare_below)
-    return torch.from_numpy(np.where(exact, weight, 1.0).astype(np.float32))
+    return torch.where(exact_tokens(tokenizer, counts, rare_below), weight, 1.0).float()
 
 
 def answer_loss(bb: Backbone, x: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 8192,

@@ -7,7 +7,7 @@ on the corpus' held-out tail) are scored with the answer teacher-forced, under f
 example's vectors (same shapes, wrong content), the chunks as plain text, and no context. If own and
 another's vectors score alike, the vectors carry the gist of the text but not its facts. The exact-token loss is
 the same loss over the answer tokens that must be copied exactly (digits, and tokens rare in the corpus:
-``train.exact_token_weights``), the ones the compressor loses first.
+``train.exact_tokens``), the ones the compressor loses first.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from lloco_index.compressor import CONFIG_NAME, CompressorConfig
 from lloco_index.corpus import Corpus
 from lloco_index.pipeline import bundled
 from lloco_index.train import (DecoderBatcher, TaskSampler, TrainConfig, answer_loss, encode_chunks,
-                               exact_token_weights, setup_models)
+                               exact_tokens, setup_models)
 
 
 @torch.no_grad()
@@ -46,7 +46,7 @@ def main() -> None:
     bb, comp = setup_models(cfg, torch.device(args.device))
     bb.model.eval()
     train, held = Corpus.load(args.corpus).split()
-    exact = (exact_token_weights(bb.tokenizer, np.bincount(train.tokens), 2.0, cfg.rare_token_count) > 1).float()
+    exact = exact_tokens(bb.tokenizer, np.bincount(train.tokens), cfg.rare_token_count).float()
     sampler = TaskSampler(held, bb.tokenizer, replace(cfg, segment_tokens=comp.config.segment_tokens), seed=7)
     exs = [getattr(sampler, args.task)(args.chunks, comp.config.segment_tokens) for _ in range(args.n)]
     own = encode_chunks(comp, exs, 0)

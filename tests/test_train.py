@@ -28,7 +28,8 @@ from lloco_index.synth import KINDS
 from lloco_index.bench_utils import Cost, Shape, save_random_model
 from lloco_index.train import (AE_QUESTION, DECODER_ADAPTER, DecoderBatcher, Example, TaskSampler, TrainConfig,
                                _average_gradients, _lora, answer_loss, cut_vectors, encode_chunks, encoder_backward,
-                               exact_token_weights, qa_target, setup_models, step_flops, train_compressor, train_finetune)
+                               exact_token_weights, qa_target, setup_models, step_flops, train_compressor,
+                               train_finetune)
 
 # every field a tiny run changes from the production defaults (also the CLI flags of the CLI test)
 TINY = dict(segment_tokens=32, summary_tokens=4, encoder_r=2, encoder_alpha=4, decoder_r=2, decoder_alpha=4,
@@ -133,6 +134,8 @@ def test_exact_token_weights_mark_digits_and_tokens_rare_in_the_corpus(tokenizer
     assert w.shape == (vocab,) and digits and (w[digits] == 4).all()
     assert w[common] == 1 and w[rare] == 4 and (w[vocab - 5:] == 4).all()
     assert set(w.tolist()) == {1.0, 4.0}
+    with pytest.raises(ValueError, match="exact_token_weight must be > 0"):
+        TrainConfig(exact_token_weight=0)
 
 
 def test_finetune_refuses_corpus_weights(pretrained, tmp_path):
