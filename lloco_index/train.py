@@ -624,9 +624,9 @@ def train_finetune(cfg: TrainConfig) -> Path:
 
     if not cfg.qa_file:
         raise ValueError("finetune needs --qa_file FILE.jsonl")
-    acc = Accelerator(mixed_precision="bf16" if cfg.bf16 and torch.cuda.is_available() else "no")
     if cfg.exact_token_weight != 1:
         raise ValueError("exact_token_weight weighs tokens by their corpus counts: compressor training only")
+    acc = Accelerator(mixed_precision="bf16" if cfg.bf16 and torch.cuda.is_available() else "no")
     cfg = replace(cfg, train_encoder=False)  # LLoCO finetuning never changes the compressor
     torch.manual_seed(cfg.seed)
     bb, comp = setup_models(cfg, acc.device)
