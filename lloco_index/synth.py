@@ -31,6 +31,12 @@ _TIMETABLE = [("the ferry", "leaves", "leave"), ("the museum", "opens", "open"),
 _PASTIMES = ["swim in the lake", "read old newspapers", "fix bicycles", "bake rye bread", "walk the dogs",
              "play the organ", "visit the flea market", "paint model boats", "climb the water tower", "write letters",
              "watch the freight trains", "grow tomatoes", "sing in the choir", "repair clocks", "feed the pigeons"]
+_ERRANDS = ["buy fresh bread", "drink a coffee", "take a short nap", "call an old friend", "wash the car",
+            "water the plants", "light a candle", "stretch for ten minutes", "tidy the desk", "post a letter"]
+_SPOTS = ["sit by {} Fountain", "walk along {} Canal", "read on the steps of {} Hall", "feed the ducks at {} Pond",
+          "wait under the clock of {} Station", "sketch the boats in {} Harbour", "rest in the shade of {} Square"]
+_WHEN = ["on a windy evening", "before the shops close", "after the first frost", "until the lights come on",
+         "on a quiet Sunday morning", "when the rain stops", "in late autumn"]
 _ITEMS = ["spare key", "silver trophy", "old logbook", "first-aid kit", "red ledger", "brass telescope", "map case"]
 
 
@@ -64,7 +70,7 @@ class Fact:
     kind: int = -1  # the template family (make_fact's ``kind``)
 
 
-KINDS = 13
+KINDS = 14
 
 
 def make_fact(rng: random.Random, kind: int | None = None) -> Fact:
@@ -143,6 +149,14 @@ def _fact(rng: random.Random, kind: int) -> Fact:
         subject, says, asks = rng.choice(_TIMETABLE)
         town = _name(rng, 3)
         return Fact([f"In {town}, {subject} {says} at {hh}:{mm}."], f"When does {subject} {asks} in {town}?", f"{hh}:{mm}")
+    if kind == 13:  # a long answer: a short first part, then a second with a name and a time ("X and Y in Z at W")
+        a1, a2 = rng.choice(_ERRANDS), rng.choice(_SPOTS).format(_name(rng, 3)) + " " + rng.choice(_WHEN)
+        s, q = rng.choice([(f"{p}'s doctor says the cure for a long week is to {a1} and {a2}.",
+                            f"What does {p}'s doctor say is the cure for a long week?"),
+                           (f"For {p}, a perfect day off means to {a1} and {a2}.",
+                            f"What does a perfect day off mean for {p}?"),
+                           (f"{p} left a note saying: {a1} and {a2}.", f"What did {p}'s note say?")])
+        return Fact([s], q, f"{a1} and {a2}")
     room, day = rng.randint(100, 999), rng.choice(["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"])
     s = f"The {rng.choice(['budget', 'design', 'safety', 'planning'])} meeting led by {p} is on {day} in room {room}."
     if rng.random() < 0.5:
