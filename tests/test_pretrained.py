@@ -1,4 +1,4 @@
-"""The bundled defaults (0.6.0) read invented facts out of the vectors alone, on CPU.
+"""The bundled defaults (0.7.0) read invented facts out of the vectors alone, on CPU.
 
 A regression test of the shipped weights, not of the code: a retrained compressor or adapter that stops
 reading its vectors (as 0.1.0 and 0.2.0 did) fails here. docs/quality.md has the measured dev-set figures.
