@@ -149,7 +149,7 @@ def _fact(rng: random.Random, kind: int) -> Fact:
         subject, says, asks = rng.choice(_TIMETABLE)
         town = _name(rng, 3)
         return Fact([f"In {town}, {subject} {says} at {hh}:{mm}."], f"When does {subject} {asks} in {town}?", f"{hh}:{mm}")
-    if kind == 13:  # a long answer: a short first part, then a second with a name and a time ("X and Y in Z at W")
+    if kind == 13:  # a long two-part answer whose second part carries a name and a time ("X and Y at <Name> Pond in Z")
         a1, a2 = rng.choice(_ERRANDS), rng.choice(_SPOTS).format(_name(rng, 3)) + " " + rng.choice(_WHEN)
         s, q = rng.choice([(f"{p}'s doctor says the cure for a long week is to {a1} and {a2}.",
                             f"What does {p}'s doctor say is the cure for a long week?"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import math
+import random
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from lloco_index.compressor import ENCODER_ADAPTER, CompressorConfig, ContextCom
 from lloco_index.corpus import Corpus, build_corpus
 from lloco_index.generation import Generator
 from lloco_index.prompts import SYSTEM_PROMPT, qa_pieces, question_text
-from lloco_index.synth import KINDS
+from lloco_index.synth import KINDS, make_fact
 from lloco_index.bench_utils import Cost, Shape, save_random_model
 from lloco_index.train import (AE_QUESTION, DECODER_ADAPTER, DecoderBatcher, Example, TaskSampler, TrainConfig,
                                _average_gradients, _lora, answer_loss, cut_vectors, encode_chunks, encoder_backward,
@@ -567,6 +568,17 @@ def test_qa_can_ask_multiple_choice_with_options_of_the_same_kind(sampler, token
         assert len(digits) == 1, options  # a year among names would give the answer away
     with pytest.raises(ValueError, match="choice_prob"):
         replace(sampler.cfg, choice_prob=1.5)
+
+
+def test_every_fact_template_answers_with_a_span_of_its_facts():
+    """The decoder is taught to copy: an answer that is not in the text would teach it to make answers up."""
+    rng = random.Random(0)
+    for kind in range(KINDS):
+        for _ in range(20):
+            fact = make_fact(rng, kind)
+            assert fact.kind == kind and any(fact.answer in s for s in fact.sentences), (kind, fact)
+    long = [make_fact(rng, 13).answer for _ in range(20)]  # the long two-part answers: 9+ words, a name inside
+    assert all(len(a.split()) >= 9 and " and " in a and any(w[0].isupper() for w in a.split()) for a in long), long
 
 
 def test_fact_weights_choose_which_fact_templates_qa_draws(sampler, tokenizer):
