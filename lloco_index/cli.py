@@ -283,7 +283,8 @@ def cmd_info(args) -> None:
         f"vectors:          {stats['vectors']}",
         f"source tokens:    {stats['source_tokens']}",
         f"compression:      {stats['compression_ratio']} text tokens per vector "
-        f"(segment {cfg.get('segment_tokens')} -> {cfg.get('summary_tokens')} vectors)",
+        f"(segment {cfg.get('segment_tokens')} -> {cfg.get('summary_tokens')} vectors"
+        f"{', fewer for a shorter one' if cfg.get('proportional_vectors') else ''})",
         f"bytes on disk:    {stats['bytes_on_disk']}",
         f"fingerprint:      {stats['fingerprint']}"]))
 

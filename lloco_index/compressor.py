@@ -46,6 +46,9 @@ class CompressorConfig:
     vector_norm: float | None = field(default=None, metadata={
         "help": "rescale each vector to this L2 norm (e.g. the mean token-embedding norm); None keeps the final "
                 "hidden states as they are, as AutoCompressor does"})
+    proportional_vectors: bool = field(default=False, metadata={
+        "help": "a segment shorter than segment_tokens keeps only its first ceil(len / ratio) vectors, so a short "
+                "chunk (a document's tail, a paragraph) costs what its length does, not a full segment's vectors"})
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -54,8 +57,9 @@ class CompressorConfig:
                 raise ValueError(f"compressor config: {name} must be an integer, got {getattr(self, name)!r}")
         if self.segment_tokens < 1 or self.summary_tokens < 1:
             raise ValueError("segment_tokens and summary_tokens must be >= 1")
-        if not isinstance(self.center_vectors, bool):
-            raise ValueError(f"compressor config: center_vectors must be true or false, got {self.center_vectors!r}")
+        for name in ("center_vectors", "proportional_vectors"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"compressor config: {name} must be true or false, got {getattr(self, name)!r}")
         norm = self.vector_norm
         if norm is not None and not (isinstance(norm, (int, float)) and not isinstance(norm, bool) and norm > 0):
             raise ValueError(f"compressor config: vector_norm must be a positive number or null, got {norm!r}")
@@ -67,6 +71,15 @@ class CompressorConfig:
         """Text tokens per vector for a full segment."""
         return self.segment_tokens / self.summary_tokens
 
+    def vectors_for(self, n_tokens: int) -> int:
+        """Vectors kept for a segment of ``n_tokens`` text tokens.
+
+        Trimming is exact: the summary slots attend causally, so a segment's first k vectors are the same
+        whether or not the later slots follow them."""
+        if not self.proportional_vectors:
+            return self.summary_tokens
+        return min(self.summary_tokens, max(1, -(-n_tokens * self.summary_tokens // self.segment_tokens)))
+
     @classmethod
     def from_json(cls, path: Path) -> "CompressorConfig":
         raw = json.loads(Path(path).read_text())
@@ -77,7 +90,8 @@ class CompressorConfig:
 
 
 class ContextCompressor:
-    """Compress texts into ``[n_segments * summary_tokens, hidden]`` tensors.
+    """Compress texts into ``[n_vectors, hidden]`` tensors: ``summary_tokens`` per segment (fewer for a short
+    one with ``proportional_vectors``).
 
     Example::
 
@@ -182,7 +196,10 @@ class ContextCompressor:
         store ingested on a GPU serves a CPU.
         """
         if self._fingerprint is None:
-            h = hashlib.sha256(json.dumps(asdict(self.config), sort_keys=True).encode())
+            cfg = asdict(self.config)
+            if not cfg["proportional_vectors"]:  # absent before it existed: fixed-count stores keep their fingerprint
+                del cfg["proportional_vectors"]
+            h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
             h.update(_canonical(self.summary))
             if self.vector_mean is not None:
                 h.update(_canonical(self.vector_mean))
@@ -282,7 +299,7 @@ class ContextCompressor:
             check_cancelled()
             idx = order[b:b + batch_size]
             for j, v in zip(idx, self.encode_segments([segs[j] for j in idx]).to("cpu")):
-                outs[j] = v.clone()
+                outs[j] = v[:self.config.vectors_for(len(segs[j]))].clone()
         return [torch.cat([outs[j] for j in range(len(segs)) if owners[j] == i]) for i in range(len(per_text))]
 
     def _accumulated(self, per_text: list[list[list[int]]], batch_size: int, progress: bool) -> list[torch.Tensor]:
@@ -295,10 +312,11 @@ class ContextCompressor:
             active = [i for i, s in enumerate(per_text) if len(s) > step]
             for b in range(0, len(active), batch_size):
                 idx = active[b:b + batch_size]
-                prefix = torch.stack([memory[i] for i in idx]) if step else None  # all [step * k, hidden]
-                vecs = self.encode_segments([per_text[i][step] for i in idx], prefix=prefix)
-                for i, v in zip(idx, vecs):
-                    memory[i] = torch.cat([memory[i], v])
+                # all [step * k, hidden]: only a text's last segment can be short (proportional_vectors)
+                prefix = torch.stack([memory[i] for i in idx]) if step else None
+                segs = [per_text[i][step] for i in idx]
+                for i, s, v in zip(idx, segs, self.encode_segments(segs, prefix=prefix)):
+                    memory[i] = torch.cat([memory[i], v[:self.config.vectors_for(len(s))]])
         return [m.to("cpu") for m in memory]
 
 

@@ -66,6 +66,9 @@ class TrainConfig:
     encoder_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     rescale_vectors: bool = False  # new compressors: vectors rescaled to the mean token-embedding norm
     center_vectors: bool = False  # new compressors: subtract the per-slot mean vector (fit on 256 corpus segments)
+    # a short chunk keeps only ceil(len / ratio) vectors (CompressorConfig.proportional_vectors); true also turns it
+    # on for a compressor continued with --init_from (same weights, new fingerprint: stores are rebuilt)
+    proportional_vectors: bool = False
     decoder_r: int = 16
     decoder_alpha: int = 32
     decoder_dropout: float = 0.0
@@ -84,6 +87,7 @@ class TrainConfig:
     choice_prob: float = 0.0  # qa: chance the question comes with 4 lettered options (answer: the letter)
     expand_prob: float = 0.0  # qa/cloze: chance that one chunk is given as text (teaches `expand` mode)
     expand_at: str = "end"  # where that text chunk goes: "end" (after the vectors, as inference does) or "in_place"
+    full_chunk_prob: float = 0.8  # chance that a step's chunks are segment_tokens long (else 1/8 to all of it)
     segments_per_step: int = 64  # encoder segments per optimizer step
     grad_segments: int = 48  # at most this many segments get encoder gradients; others are no-grad distractors
     lm_tokens: int = 128
@@ -115,8 +119,9 @@ class TrainConfig:
         check_expand_at(self.expand_at)
         if not 1 <= self.min_chunks <= self.max_chunks:
             raise ValueError(f"need 1 <= min_chunks <= max_chunks, got {self.min_chunks} and {self.max_chunks}")
-        if not 0 <= self.choice_prob <= 1:
-            raise ValueError(f"choice_prob is a probability in [0, 1], got {self.choice_prob}")
+        for name in ("choice_prob", "full_chunk_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} is a probability in [0, 1], got {getattr(self, name)}")
         if not (self.train_encoder or self.train_decoder):
             raise ValueError("train_encoder and train_decoder are both false: nothing would train")
         fact_kind_weights(self.fact_weights)
@@ -177,6 +182,8 @@ def setup_models(cfg: TrainConfig, device: torch.device):
     bb = Backbone.from_pretrained(cfg.base_model, device=device)
     if init and (init / "compressor").is_dir():
         comp = ContextCompressor.from_pretrained(bb, init / "compressor")
+        if cfg.proportional_vectors:
+            comp.config = replace(comp.config, proportional_vectors=True)
         if comp.encoder_adapter and train_encoder:
             bb.load_adapter(init / "compressor" / "encoder", ENCODER_ADAPTER, trainable=True)
     else:
@@ -185,7 +192,7 @@ def setup_models(cfg: TrainConfig, device: torch.device):
         comp = ContextCompressor.untrained(bb, CompressorConfig(
             base_model=cfg.base_model, segment_tokens=cfg.segment_tokens, summary_tokens=cfg.summary_tokens,
             hidden_size=bb.hidden_size, vector_norm=None if norm is None else round(norm, 4),
-            center_vectors=cfg.center_vectors))
+            center_vectors=cfg.center_vectors, proportional_vectors=cfg.proportional_vectors))
         if train_encoder:
             bb.add_adapter(ENCODER_ADAPTER, _lora(cfg.encoder_r, cfg.encoder_alpha, cfg.encoder_targets))
     if init and (init / "decoder").is_dir():
@@ -242,7 +249,7 @@ class TaskSampler:
         task = self.rng.choices(self.tasks, self.weights)[0]
         lo, hi = (self.cfg.min_chunks, self.cfg.max_chunks) if task in ("qa", "cloze") else (1, 4)
         n_chunks = 1 if task == "ae" else self._log_uniform(lo, hi)
-        length = self.cfg.segment_tokens if self.rng.random() < 0.8 else self.rng.randint(self.cfg.segment_tokens // 8, self.cfg.segment_tokens)
+        length = self.cfg.segment_tokens if self.rng.random() < self.cfg.full_chunk_prob else self.rng.randint(self.cfg.segment_tokens // 8, self.cfg.segment_tokens)
         n_ex = max(1, self.cfg.segments_per_step // n_chunks)
         return task, [getattr(self, task)(n_chunks, length) for _ in range(n_ex)]
 
@@ -350,9 +357,9 @@ def encode_chunks(comp: ContextCompressor, examples: list[Example], grad_budget:
             by_len: dict[int, list[int]] = {}
             for k in part:  # equal lengths per forward pass: no padding needed
                 by_len.setdefault(len(flat[k][2]), []).append(k)
-            for ks in by_len.values():
+            for n, ks in by_len.items():
                 vecs = comp.encode_segments([flat[k][2] for k in ks], grad=grad)
-                out.update(zip(ks, vecs))
+                out.update(zip(ks, vecs[:, :comp.config.vectors_for(n)]))
     vec = {(i, j): out[k] for k, (i, j, _) in enumerate(flat)}
     tok = comp.backbone.tokenizer
     return [[vec[(i, j)] if (i, j) in vec else tok.decode(ex.chunks[j])

@@ -144,7 +144,7 @@ def _meta_problem(fingerprint: str, key: str, n: int, hidden: int, dtype: str, t
     """The index row against the store's fingerprint and compressor config."""
     if chunk_key(fingerprint, text) != key:
         return "key_mismatch", "key is not the content address of the stored text under this store's fingerprint"
-    per_segment = cfg.get("summary_tokens")
+    per_segment = None if cfg.get("proportional_vectors") else cfg.get("summary_tokens")  # else any count fits
     if cfg.get("hidden_size") not in (None, hidden) or (per_segment and n % per_segment):
         return "shape", (f"[{n}, {hidden}] does not fit the compressor (hidden {cfg.get('hidden_size')}, "
                          f"{cfg.get('summary_tokens')} vectors per segment)")

@@ -54,6 +54,25 @@ def test_save_load_roundtrip_keeps_fingerprint(tiny_lloco, tmp_path):
     assert again.fingerprint() != comp.fingerprint()
 
 
+def test_proportional_vectors_trim_short_segments_exactly(tiny_lloco):
+    """A short segment keeps ceil(len / ratio) vectors, and they are the first rows of its fixed-count vectors."""
+    comp = tiny_lloco.compressor  # 32 tokens -> 4 vectors
+    prop = ContextCompressor(tiny_lloco.backbone, CompressorConfig(**{**vars(comp.config), "proportional_vectors": True}),
+                             comp.summary.detach())
+    assert [prop.config.vectors_for(n) for n in (1, 8, 9, 31, 32)] == [1, 1, 2, 4, 4]
+    assert comp.config.vectors_for(1) == 4
+    text = TEXT.rsplit(" Room", 1)[0]  # 29 sentences: the last segment has 8 tokens
+    lengths = [len(s) for s in comp.segments(text)]
+    assert lengths[-1] <= 8, "the text must end in a short segment"
+    for accumulate in (False, True):
+        fixed, trimmed = comp.compress(text, accumulate=accumulate), prop.compress(text, accumulate=accumulate)
+        assert trimmed.shape[0] == 4 * (len(lengths) - 1) + prop.config.vectors_for(lengths[-1]) < fixed.shape[0]
+        torch.testing.assert_close(trimmed, fixed[:trimmed.shape[0]], atol=1e-3, rtol=1e-3)
+    assert prop.fingerprint() != comp.fingerprint()  # a store of full-count vectors is not served trimmed ones
+    with pytest.raises(ValueError, match="proportional_vectors"):
+        CompressorConfig(**{**vars(comp.config), "proportional_vectors": "yes"})
+
+
 def test_store_rejects_other_compressor(tiny_lloco):
     with pytest.raises(StoreError, match="made by another compressor"):
         CompressedStore(tiny_lloco.store.path, fingerprint="0" * 32)

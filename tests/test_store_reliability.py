@@ -56,6 +56,15 @@ def test_clean_store_verifies(tmp_path, capsys):
     assert rep["problems"] == [] and rep["leftovers"] == []
 
 
+@pytest.mark.parametrize("proportional", [False, True])
+def test_vector_count_check_follows_the_compressor(tmp_path, proportional):
+    """3 vectors where a segment gives 4: a shape error, unless short chunks keep fewer (proportional_vectors)."""
+    store = CompressedStore(tmp_path / "s", fingerprint=FP, create=True,
+                            compressor_config={**CFG, "proportional_vectors": proportional})
+    store.put_many([(store.key_for("short"), vec(0)[:3], "short", 3)], [("doc", 0, store.key_for("short"))])
+    assert [p.kind for p in store.verify().problems] == ([] if proportional else ["shape"])
+
+
 def test_corrupt_tensor_is_never_served_and_repair_recompresses(tmp_path, capsys):
     store = make_store(tmp_path / "s")
     shard = shard_of(store, 4)

@@ -505,6 +505,22 @@ def test_init_from_loads_saved_adapters(pretrained):
     assert comp.fingerprint() == json.loads((out / "training_state.json").read_text())["compressor_fingerprint"]
 
 
+def test_proportional_vectors_turn_on_for_a_continued_compressor_and_trim_training_chunks(pretrained):
+    """--proportional_vectors on a continued compressor: same weights, new fingerprint, and a short training chunk
+    reaches the decoder with the vectors inference would store for it."""
+    cfg, out = pretrained
+    _, comp = setup_models(replace(cfg, init_from=str(out), proportional_vectors=True), torch.device("cpu"))
+    assert comp.config.proportional_vectors
+    assert comp.fingerprint() != json.loads((out / "training_state.json").read_text())["compressor_fingerprint"]
+    short, full = list(range(5, 5 + cfg.segment_tokens // 4)), list(range(5, 5 + cfg.segment_tokens))
+    (row,) = encode_chunks(comp, [Example([short, full], "q", [1], [0])], grad_budget=1)
+    assert [v.shape[0] for v in row] == [cfg.summary_tokens // 4, cfg.summary_tokens]
+    torch.testing.assert_close(row[0].detach().float(), comp.compress(comp.backbone.tokenizer.decode(short)).float(),
+                               atol=2e-2, rtol=2e-2)
+    with pytest.raises(ValueError, match="full_chunk_prob"):
+        TrainConfig(full_chunk_prob=1.5)
+
+
 def test_init_from_a_missing_folder_is_an_error_not_a_fresh_start(pretrained, tmp_path):
     cfg, _ = pretrained
     with pytest.raises(FileNotFoundError, match="no compressor/ or decoder/"):
