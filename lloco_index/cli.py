@@ -408,7 +408,8 @@ def _eval_qa(args) -> None:
         f"{args.mode}: {m['examples']} examples ({m['open']} open, {m['multiple_choice']} multiple choice)",
         f"EM {pct(m['exact_match'])}  F1 {pct(m['f1'])}  contains {pct(m['contains'])}  "
         f"MC accuracy {pct(m['accuracy'])} ({args.choice_scoring})",
-        f"mean prompt positions {m['mean_prompt_positions']}, source tokens {m['mean_source_tokens']}; "
+        f"mean prompt positions {m['mean_prompt_positions']} (context {m['mean_context_positions']}), "
+        f"source tokens {m['mean_source_tokens']}; "
         f"truncated {m['truncated']}, does not fit {m['does_not_fit']}; {m['mean_latency_s']} s/question",
         f"report: {args.out}" if args.out else "(no --out: per-example predictions not saved)"]))
 

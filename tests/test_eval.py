@@ -125,6 +125,10 @@ def test_evaluate_qa_all_modes(tiny_lloco):
         assert m["accuracy"] == choice_correct(preds[1]["prediction"], ["dog", "cat", "owl"], ["cat"])
     pos = {m: r["metrics"]["mean_prompt_positions"] for m, r in reports.items()}
     assert pos["none"] < pos["lloco"] < pos["full"]  # 32 tokens -> 4 vectors
+    for mode, r in reports.items():  # what the context adds to the bare question's prompt
+        assert [p["context_positions"] for p in r["predictions"]] == [
+            p["prompt_positions"] - q["prompt_positions"] for p, q in zip(r["predictions"], reports["none"]["predictions"])]
+    assert reports["none"]["metrics"]["mean_context_positions"] == 0
     assert reports["none"]["metrics"]["mean_source_tokens"] == 0
     assert reports["lloco"]["metrics"]["mean_source_tokens"] == reports["full"]["metrics"]["mean_source_tokens"]
     again = evaluate_qa(tiny_lloco, EXAMPLES, mode="lloco", config=GEN, batch_size=3)

@@ -29,6 +29,7 @@ class EvalPrompt:
     positions: int  # decoder input positions (vectors count one each)
     source_tokens: int  # tokens of document text the context stands for (after selection/truncation)
     document_tokens: int  # tokens of all the documents given
+    context_positions: int = 0  # positions the context adds to the bare question's prompt (vectors, text, separators)
     chunks: list[int] = field(default_factory=list)  # indices of the chunks used (lloco/rag), in prompt order
     truncated: bool = False
     fits: bool = True  # positions + max_new_tokens within the decoder window
@@ -100,7 +101,8 @@ class PromptBuilder:
         gen = self.lloco.generator
         pieces = gen.chat_pieces(qa_pieces(contexts, question), system=self.lloco.system_prompt)
         n = gen.count_positions(pieces)
-        return EvalPrompt(pieces, n, source, documents, fits=n <= self.limit, **kw)
+        bare = gen.count_positions(gen.chat_pieces(qa_pieces([], question), system=self.lloco.system_prompt))
+        return EvalPrompt(pieces, n, source, documents, context_positions=n - bare, fits=n <= self.limit, **kw)
 
     def _full(self, question: str, documents: Sequence[str], n_docs: int) -> EvalPrompt:
         """All text as one context; if too long (and allowed), cut tokens from the middle until it fits."""

@@ -91,7 +91,8 @@ def evaluate_qa(lloco: LLoCO, examples: Iterable[QAExample], mode: Mode = "lloco
 def _record(ex: QAExample, o: Outcome) -> dict:
     p, pred = o.prompt, o.text or ""
     rec = {"id": ex.id, "question": ex.question, "answers": ex.answers, "prediction": o.text, "fits": p.fits,
-           "truncated": p.truncated, "prompt_positions": p.positions, "source_tokens": p.source_tokens,
+           "truncated": p.truncated, "prompt_positions": p.positions,
+           "context_positions": p.context_positions, "source_tokens": p.source_tokens,
            "document_tokens": p.document_tokens, "chunks": p.chunks, "finish_reason": o.finish_reason,
            "latency_s": round(o.latency_s, 4), "prepare_s": round(o.prepare_s, 4)}
     if ex.choices and o.choice_scores is not None:
@@ -120,6 +121,7 @@ def summarize(records: list[dict]) -> dict:
         "contains": _mean([r["contains"] for r in open_]),
         "accuracy": _mean([r["correct"] for r in records if "choices" in r]),
         "mean_prompt_positions": _mean([r["prompt_positions"] for r in fit]),
+        "mean_context_positions": _mean([r["context_positions"] for r in fit]),
         "mean_source_tokens": _mean([r["source_tokens"] for r in fit]),
         "mean_document_tokens": _mean([r["document_tokens"] for r in records]),
         "truncated": sum(r["truncated"] for r in records), "does_not_fit": len(records) - len(fit),

@@ -100,13 +100,13 @@ def markdown_table(reports: Sequence[dict], names: Sequence[str]) -> str:
     out: list[str] = []
     if qa:
         out += ["| report | mode | top-k | adapter | examples | EM | F1 | contains | MC acc | prompt positions "
-                "| source tokens | truncated | does not fit | latency s |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "| context positions | source tokens | truncated | does not fit | latency s |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in qa:
             m = r["metrics"]
             out.append(f"| {name} | {r['mode']} | {r['top_k'] or '-'} | {r['adapter'] or 'base'} | {m['examples']} "
                        f"| {pct(m['exact_match'])} | {pct(m['f1'])} | {pct(m['contains'])} "
-                       f"| {_mc(r)} | {_num(m['mean_prompt_positions'])} "
+                       f"| {_mc(r)} | {_num(m['mean_prompt_positions'])} | {_num(m.get('mean_context_positions'))} "
                        f"| {_num(m['mean_source_tokens'])} | {m['truncated']} | {m['does_not_fit']} "
                        f"| {_num(m['mean_latency_s'], '.2f')} |")
     if niah:
