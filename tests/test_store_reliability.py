@@ -57,12 +57,17 @@ def test_clean_store_verifies(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("proportional", [False, True])
-def test_vector_count_check_follows_the_compressor(tmp_path, proportional):
-    """3 vectors where a segment gives 4: a shape error, unless short chunks keep fewer (proportional_vectors)."""
+def test_vector_count_check_follows_the_compressor(tmp_path, proportional, capsys):
+    """3 vectors where a segment gives 4: a shape error, unless short chunks keep fewer (proportional_vectors),
+    which ``lloco info`` then says."""
     store = CompressedStore(tmp_path / "s", fingerprint=FP, create=True,
-                            compressor_config={**CFG, "proportional_vectors": proportional})
+                            compressor_config={**CFG, "segment_tokens": 32, "proportional_vectors": proportional})
     store.put_many([(store.key_for("short"), vec(0)[:3], "short", 3)], [("doc", 0, store.key_for("short"))])
     assert [p.kind for p in store.verify().problems] == ([] if proportional else ["shape"])
+    assert main(["info", "--store", str(store.path)]) in (0, None)
+    out = capsys.readouterr().out
+    assert "vectors:          3" in out and "(segment 32 -> 4 vectors" in out
+    assert ("fewer for a shorter one" in out) == proportional
 
 
 def test_corrupt_tensor_is_never_served_and_repair_recompresses(tmp_path, capsys):
