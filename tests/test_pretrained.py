@@ -42,3 +42,15 @@ def test_bundled_defaults_answer_from_vectors_alone(lloco):
         assert answer.lower() not in without.answer.lower()  # the answer is not guessed from the question
         right += answer.lower() in with_fact.answer.lower()
     assert right >= 2, f"{right}/4 facts read from the vectors (3/4 in fp32 when 0.3.0 and 0.4.0 shipped)"
+
+
+def test_bundled_compressor_keeps_its_recorded_fingerprint(default_lloco):
+    """Users' stores are keyed by this fingerprint: a code change that moved it (a new config field, a new way
+    of hashing) would silently make every store built with the shipped compressor unreadable."""
+    import json
+    from pathlib import Path
+
+    import lloco_index
+
+    meta = json.loads((Path(lloco_index.__file__).parent / "pretrained/smollm2-135m/lloco_pretrained.json").read_text())
+    assert default_lloco.compressor.fingerprint() == meta["compressor_fingerprint"]
