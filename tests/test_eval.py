@@ -154,6 +154,17 @@ def test_evaluate_qa_scores_multiple_choice_by_likelihood(tiny_lloco):
         evaluate_qa(tiny_lloco, EXAMPLES, mode="none", choice_scoring="letters")
 
 
+def test_summary_of_records_from_before_context_positions(tiny_lloco):
+    """A run resumed from a partial file of an older version mixes records with and without context positions:
+    the mean is unknown (None), not a mean over some of them, and nothing fails."""
+    from lloco_index.eval.qa import summarize
+
+    records = evaluate_qa(tiny_lloco, EXAMPLES, mode="lloco", config=GEN, batch_size=3)["predictions"]
+    old = [{k: v for k, v in r.items() if k != "context_positions"} if i == 0 else r for i, r in enumerate(records)]
+    assert summarize(old)["mean_context_positions"] is None
+    assert summarize(records)["mean_context_positions"] > 0
+
+
 def test_evaluate_qa_resumes_after_interruption(tiny_lloco, tmp_path, monkeypatch):
     out = tmp_path / "r.json"
     gen, calls = tiny_lloco.generator, []

@@ -121,7 +121,9 @@ def summarize(records: list[dict]) -> dict:
         "contains": _mean([r["contains"] for r in open_]),
         "accuracy": _mean([r["correct"] for r in records if "choices" in r]),
         "mean_prompt_positions": _mean([r["prompt_positions"] for r in fit]),
-        "mean_context_positions": _mean([r["context_positions"] for r in fit]),
+        # None when resumed from records written before context_positions was recorded
+        "mean_context_positions": None if any("context_positions" not in r for r in fit)
+        else _mean([r["context_positions"] for r in fit]),
         "mean_source_tokens": _mean([r["source_tokens"] for r in fit]),
         "mean_document_tokens": _mean([r["document_tokens"] for r in records]),
         "truncated": sum(r["truncated"] for r in records), "does_not_fit": len(records) - len(fit),
