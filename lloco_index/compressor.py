@@ -226,6 +226,11 @@ class ContextCompressor:
         """
         return self._adapt(self._summary_states(segments, grad, prefix))
 
+    def kept(self, vectors: torch.Tensor, segments: list[list[int]]) -> list[torch.Tensor]:
+        """Each segment's rows of an ``encode_segments`` batch: all of them, or the first
+        ``config.vectors_for(len)`` of a short one (``proportional_vectors``)."""
+        return [v[:self.config.vectors_for(len(s))] for v, s in zip(vectors, segments)]
+
     def _summary_states(self, segments: list[list[int]], grad: bool, prefix: torch.Tensor | None) -> torch.Tensor:
         """The encoder's final hidden states (after the final norm) at the summary positions."""
         bb, k = self.backbone, self.config.summary_tokens
@@ -298,8 +303,9 @@ class ContextCompressor:
         for b in tqdm(range(0, len(order), batch_size), disable=not progress, desc="compress"):
             check_cancelled()
             idx = order[b:b + batch_size]
-            for j, v in zip(idx, self.encode_segments([segs[j] for j in idx]).to("cpu")):
-                outs[j] = v[:self.config.vectors_for(len(segs[j]))].clone()
+            batch = [segs[j] for j in idx]
+            for j, v in zip(idx, self.kept(self.encode_segments(batch).to("cpu"), batch)):
+                outs[j] = v.clone()
         return [torch.cat([outs[j] for j in range(len(segs)) if owners[j] == i]) for i in range(len(per_text))]
 
     def _accumulated(self, per_text: list[list[list[int]]], batch_size: int, progress: bool) -> list[torch.Tensor]:
@@ -315,8 +321,8 @@ class ContextCompressor:
                 # all [step * k, hidden]: only a text's last segment can be short (proportional_vectors)
                 prefix = torch.stack([memory[i] for i in idx]) if step else None
                 segs = [per_text[i][step] for i in idx]
-                for i, s, v in zip(idx, segs, self.encode_segments(segs, prefix=prefix)):
-                    memory[i] = torch.cat([memory[i], v[:self.config.vectors_for(len(s))]])
+                for i, v in zip(idx, self.kept(self.encode_segments(segs, prefix=prefix), segs)):
+                    memory[i] = torch.cat([memory[i], v])
         return [m.to("cpu") for m in memory]
 
 

@@ -357,9 +357,9 @@ def encode_chunks(comp: ContextCompressor, examples: list[Example], grad_budget:
             by_len: dict[int, list[int]] = {}
             for k in part:  # equal lengths per forward pass: no padding needed
                 by_len.setdefault(len(flat[k][2]), []).append(k)
-            for n, ks in by_len.items():
-                vecs = comp.encode_segments([flat[k][2] for k in ks], grad=grad)
-                out.update(zip(ks, vecs[:, :comp.config.vectors_for(n)]))
+            for ks in by_len.values():
+                segs = [flat[k][2] for k in ks]
+                out.update(zip(ks, comp.kept(comp.encode_segments(segs, grad=grad), segs)))
     vec = {(i, j): out[k] for k, (i, j, _) in enumerate(flat)}
     tok = comp.backbone.tokenizer
     return [[vec[(i, j)] if (i, j) in vec else tok.decode(ex.chunks[j])
