@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 DECODER_ADAPTER = "default"
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n\s*\n")
 _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+NEW_SEGMENT_TOKENS = 512  # a new compressor's segment length unless --segment_tokens says otherwise
 AE_QUESTION = "Repeat the context word for word."
 LM_QUESTION = "Continue the text."
 
@@ -59,7 +60,9 @@ class TrainConfig:
     corpus: str = "corpus.npz"
     qa_file: str = ""  # finetune only: QA JSONL
     init_from: str = ""  # folder with compressor/ and decoder/ to continue from
-    segment_tokens: int = 512
+    # text tokens per segment; 0: the --init_from compressor's (512 for a new one). Another value continues that
+    # compressor at a new segment length (same weights, new fingerprint: stores are rebuilt)
+    segment_tokens: int = 0
     summary_tokens: int = 24
     encoder_r: int = 16
     encoder_alpha: int = 32
@@ -182,15 +185,15 @@ def setup_models(cfg: TrainConfig, device: torch.device):
     bb = Backbone.from_pretrained(cfg.base_model, device=device)
     if init and (init / "compressor").is_dir():
         comp = ContextCompressor.from_pretrained(bb, init / "compressor")
-        if cfg.proportional_vectors:
-            comp.config = replace(comp.config, proportional_vectors=True)
+        comp.config = replace(comp.config, segment_tokens=cfg.segment_tokens or comp.config.segment_tokens,
+                              proportional_vectors=cfg.proportional_vectors or comp.config.proportional_vectors)
         if comp.encoder_adapter and train_encoder:
             bb.load_adapter(init / "compressor" / "encoder", ENCODER_ADAPTER, trainable=True)
     else:
         norm = bb.model.get_input_embeddings().weight.detach().float().norm(dim=-1).mean().item() \
             if cfg.rescale_vectors else None
         comp = ContextCompressor.untrained(bb, CompressorConfig(
-            base_model=cfg.base_model, segment_tokens=cfg.segment_tokens, summary_tokens=cfg.summary_tokens,
+            base_model=cfg.base_model, segment_tokens=cfg.segment_tokens or NEW_SEGMENT_TOKENS, summary_tokens=cfg.summary_tokens,
             hidden_size=bb.hidden_size, vector_norm=None if norm is None else round(norm, 4),
             center_vectors=cfg.center_vectors, proportional_vectors=cfg.proportional_vectors))
         if train_encoder:
@@ -594,6 +597,7 @@ def train_compressor(cfg: TrainConfig, held_out_eval: bool = True) -> Path:
         cfg = replace(cfg, grad_segments=0)
     torch.manual_seed(cfg.seed)
     bb, comp = setup_models(cfg, acc.device)
+    cfg = replace(cfg, segment_tokens=comp.config.segment_tokens)  # the sampler cuts chunks the compressor's size
     torch.manual_seed(cfg.seed + acc.process_index)  # same initial weights everywhere, different data
     train_c, held_c = Corpus.load(cfg.corpus).split()
     if comp.vector_mean is not None and not comp.vector_mean.any():  # new: fit it (same segments in every process)

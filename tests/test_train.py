@@ -521,6 +521,22 @@ def test_proportional_vectors_turn_on_for_a_continued_compressor_and_trim_traini
         TrainConfig(full_chunk_prob=1.5)
 
 
+def test_a_continued_compressor_keeps_its_segment_length_unless_told_another(pretrained, tmp_path):
+    """--segment_tokens 0 (the default) continues at the saved length, and the training chunks are cut to it;
+    another value continues the same weights at that length, under a new fingerprint."""
+    cfg, out = pretrained
+    saved = json.loads((out / "training_state.json").read_text())["compressor_fingerprint"]
+    run = train_compressor(replace(cfg, init_from=str(out), segment_tokens=0, max_steps=1, train_encoder=False,
+                                   out_dir=str(tmp_path / "same")), held_out_eval=False)
+    state = json.loads((run / "training_state.json").read_text())
+    assert state["train_config"]["segment_tokens"] == cfg.segment_tokens and state["compressor_fingerprint"] == saved
+    longer = 2 * cfg.segment_tokens
+    _, comp = setup_models(replace(cfg, init_from=str(out), segment_tokens=longer), torch.device("cpu"))
+    assert comp.config.segment_tokens == longer and comp.fingerprint() != saved
+    torch.testing.assert_close(comp.summary.detach(), _tensors(out / "compressor/summary_embeddings.safetensors")
+                               ["summary_embeddings"].to(comp.summary.dtype), atol=0, rtol=0)
+
+
 def test_init_from_a_missing_folder_is_an_error_not_a_fresh_start(pretrained, tmp_path):
     cfg, _ = pretrained
     with pytest.raises(FileNotFoundError, match="no compressor/ or decoder/"):
