@@ -12,7 +12,8 @@
 # copy of the package (a baseline commit, say) must be run from its own folder, not through PYTHONPATH.
 set -e
 if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  [ -d /tmp/site ] ||  # once per machine, so runs started side by side do not install over each other
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 else
   export PYTHONPATH=$PWD

@@ -7,6 +7,8 @@
 # the adapters, training_state.json, the training log and the ablation JSONs; step lines land in $OUT/gate.log as
 # they are logged, then the ablation summaries.
 # A later run can continue an earlier one of the same call batch: --init_from /root/gate/<NAME>/ckpt.
+# Runs of one call can share the GPU (a QA run peaks at ~7 GiB and trains at a few % MFU): start one script per run
+# with & and wait; the step lines carry the run's name.
 set -o pipefail
 source scripts/device/setup.sh
 DATA=${DATA:-/root/data}; minutes=$1; shift; TASKS=${TASKS-qa ae}
@@ -16,7 +18,7 @@ while [ $# -ge 2 ]; do
   # shellcheck disable=SC2086  # flags are meant to split
   python3 -m lloco_index.cli train compressor --corpus $DATA/corpus.npz --out_dir $run/ckpt --max_minutes "$minutes" \
     --eval_every 100000 --save_every 100000 $flags 2>&1 | grep --line-buffered -v -E "Loading weights|it/s\]" \
-    | tee $run/train.log | grep --line-buffered -E "step [0-9]+ |done|Error|Traceback" | sed -u 's/.*INFO/INFO/' \
+    | tee $run/train.log | grep --line-buffered -E "step [0-9]+ |done|Error|Traceback" | sed -u "s/.*INFO/[$name] INFO/" \
     >> $OUT/gate.log  # live: a call that runs out of time still returns its step lines
   for task in $TASKS; do
     python3 scripts/vector_ablation.py --corpus $DATA/corpus.npz --init_from $run/ckpt --task $task --n 32 \
