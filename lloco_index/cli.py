@@ -88,11 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True)
     _common(p)
 
-    p = sub.add_parser("train", help="offline learning: build a corpus, pretrain the compressor, finetune a decoder")
-    p.add_argument("what", choices=["corpus", "compressor", "finetune"])
+    p = sub.add_parser("train", help="offline learning: build a corpus, pretrain the compressor, finetune a decoder, "
+                                     "average runs")
+    p.add_argument("what", choices=["corpus", "compressor", "finetune", "average"])
     p.add_argument("options", nargs=argparse.REMAINDER,
                    help="corpus: --out FILE.npz --max_tokens N --model M SOURCE...; compressor/finetune: "
-                        "--KEY VALUE for any TrainConfig field (e.g. --out_dir runs/x --max_minutes 8)")
+                        "--KEY VALUE for any TrainConfig field (e.g. --out_dir runs/x --max_minutes 8); "
+                        "average: --out DIR [--weights 3,1,1] RUN RUN...")
     p.set_defaults(json=False)
 
     p = sub.add_parser("convert-checkpoint", help="rewrite a model/adapter folder's pickled *.bin weights as safetensors")
@@ -308,6 +310,9 @@ def _train_help(what: str) -> str:
     if what == "corpus":
         return ("usage: lloco train corpus [--out corpus.npz] [--max_tokens 5000000] [--model smollm2-135m] "
                 "SOURCE...\n  SOURCE: .txt/.rst/.md/.gz files or folders of them")
+    if what == "average":
+        return ("usage: lloco train average --out DIR [--weights W1,W2,...] RUN RUN...\n  RUN: a training run's "
+                "out_dir (compressor/, decoder/); runs must have continued one checkpoint with one configuration")
     return "\n".join([f"usage: lloco train {what} --KEY VALUE ...  (TrainConfig; recipes in docs/training.md)",
                       *(f"  --{f.name} {f.default!r}" for f in fields(TrainConfig))])
 
@@ -331,6 +336,21 @@ def cmd_train(args) -> None:
         _, tok = load_base_model(pairs.get("model", "smollm2-135m"), device="cpu")
         info = build_corpus(files, tok, Path(pairs.get("out", "corpus.npz")), int(pairs.get("max_tokens", 5_000_000)))
         _emit(args, info, f"corpus: {info['tokens']} tokens from {info['documents']} documents -> {info['file']}")
+        return
+    if args.what == "average":
+        from .average import average_runs
+
+        if unknown := set(pairs) - {"out", "weights"}:
+            raise ValueError(f"train average takes --out and --weights, not --{', --'.join(sorted(unknown))}")
+        if "out" not in pairs:
+            raise ValueError("train average needs --out DIR (a new folder)")
+        try:
+            weights = [float(w) for w in pairs["weights"].split(",")] if "weights" in pairs else None
+        except ValueError:
+            raise ValueError(f"--weights takes numbers like 3,1,1, got {pairs['weights']!r}") from None
+        errors = average_runs(rest, pairs["out"], weights)
+        _emit(args, {"out_dir": pairs["out"], "truncation_error": errors},
+              f"averaged {len(rest)} runs -> {pairs['out']} (largest rank-truncation error {errors})")
         return
     cfg = TrainConfig.from_args(pairs)
     out = (train_compressor if args.what == "compressor" else train_finetune)(cfg)

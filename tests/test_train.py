@@ -543,6 +543,87 @@ def test_init_from_a_missing_folder_is_an_error_not_a_fresh_start(pretrained, tm
         setup_models(replace(cfg, init_from=str(tmp_path / "typo")), torch.device("cpu"))
 
 
+# -- averaging runs -----------------------------------------------------------------------------
+def _perturbed_copy(run: Path, dst: Path, seed: int) -> Path:
+    """``run`` with every LoRA and summary tensor moved a little: a stand-in for another seed's continuation."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(run, dst, ignore=shutil.ignore_patterns("training_state.json"))
+    gen = torch.Generator().manual_seed(seed)
+    for f in (*(f"{a}/adapter_model.safetensors" for a in ("compressor/encoder", "decoder")),
+              "compressor/summary_embeddings.safetensors"):
+        t = _tensors(dst / f)
+        moved = {k: v if k == "vector_mean" else
+                 (v.float() + 0.01 * torch.randn(v.shape, generator=gen)).to(v.dtype) for k, v in t.items()}
+        save_file(moved, str(dst / f))
+    return dst
+
+
+def _delta(tensors: dict[str, torch.Tensor], a_key: str) -> torch.Tensor:
+    return tensors[a_key.replace("lora_A", "lora_B")].double() @ tensors[a_key].double()
+
+
+def test_average_runs_keeps_the_mean_weight_change_and_loads_as_a_run(pretrained, tmp_path):
+    """A LoRA pair averages as the change B @ A it makes (exact when the mean fits the rank, as with weights 1, 0),
+    summary embeddings as a plain mean; the result loads like any run."""
+    from lloco_index.average import average_runs
+
+    cfg, run = pretrained
+    other = _perturbed_copy(run, tmp_path / "other", seed=1)
+    errors = average_runs([run, other], tmp_path / "first_only", weights=[1, 0])
+    assert errors == {"compressor/encoder": 0.0, "decoder": 0.0}
+    errors = average_runs([run, other], tmp_path / "mean")
+    assert set(errors) == {"compressor/encoder", "decoder"} and all(0 <= e < 1 for e in errors.values())
+    for folder in ("compressor/encoder", "decoder"):
+        first, second = _tensors(run / folder / "adapter_model.safetensors"), _tensors(
+            other / folder / "adapter_model.safetensors")
+        kept = _tensors(tmp_path / "first_only" / folder / "adapter_model.safetensors")
+        a_keys = [k for k in first if "lora_A" in k]
+        assert a_keys and kept.keys() == first.keys()
+        for k in a_keys:
+            torch.testing.assert_close(_delta(kept, k), _delta(first, k), atol=2e-3, rtol=2e-2)
+        mean = _tensors(tmp_path / "mean" / folder / "adapter_model.safetensors")
+        target = [(_delta(first, k) + _delta(second, k)) / 2 for k in a_keys]
+        got = [_delta(mean, k) for k in a_keys]
+        err = max(((g - t).norm() / t.norm()).item() for g, t in zip(got, target))
+        assert err <= errors[folder] + 2e-2  # the reported truncation error, plus fp16 storage
+    summary = "compressor/summary_embeddings.safetensors"
+    torch.testing.assert_close(_tensors(tmp_path / "mean" / summary)["summary_embeddings"],
+                               (_tensors(run / summary)["summary_embeddings"]
+                                + _tensors(other / summary)["summary_embeddings"]) / 2)
+    _, comp = setup_models(replace(cfg, init_from=str(tmp_path / "mean")), torch.device("cpu"))
+    assert comp.config == ContextCompressor.from_pretrained(comp.backbone, run / "compressor").config
+    assert json.loads((tmp_path / "mean" / "average.json").read_text())["weights"] == [1.0, 1.0]
+
+
+def test_average_runs_refuses_what_cannot_be_averaged_and_overwrites_nothing(pretrained, tmp_path, capsys):
+    from lloco_index.average import average_runs
+    from lloco_index.cli import main
+
+    _, run = pretrained
+    other = _perturbed_copy(run, tmp_path / "other", seed=2)
+    config = other / "compressor" / "compressor_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "segment_tokens": 64}))
+    with pytest.raises(ValueError, match="differs .* in segment_tokens"):
+        average_runs([run, other], tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))  # no half-written folder
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="nothing is overwritten"):
+        average_runs([run, run], tmp_path / "taken")
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match="at least two runs"):
+        average_runs([run], tmp_path / "one")
+    with pytest.raises(ValueError, match="one weight >= 0 per run"):
+        average_runs([run, run], tmp_path / "w", weights=[1])
+    assert main(["train", "average", "--out", str(tmp_path / "cli"), "--weights", "1,x", str(run), str(run)]) != 0
+    assert "--weights takes numbers" in capsys.readouterr().err
+    assert main(["train", "average", "--out", str(tmp_path / "cli"), str(run), str(run)]) == 0
+    assert (tmp_path / "cli" / "decoder" / "adapter_model.safetensors").is_file()
+
+
 # -- finetuning ---------------------------------------------------------------------------------
 def _write_qa(path: Path, answers: list[list[str]]) -> Path:
     texts = [p.read_text() for p in CORPUS]
