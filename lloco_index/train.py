@@ -193,9 +193,10 @@ def setup_models(cfg: TrainConfig, device: torch.device):
         norm = bb.model.get_input_embeddings().weight.detach().float().norm(dim=-1).mean().item() \
             if cfg.rescale_vectors else None
         comp = ContextCompressor.untrained(bb, CompressorConfig(
-            base_model=cfg.base_model, segment_tokens=cfg.segment_tokens or NEW_SEGMENT_TOKENS, summary_tokens=cfg.summary_tokens,
-            hidden_size=bb.hidden_size, vector_norm=None if norm is None else round(norm, 4),
-            center_vectors=cfg.center_vectors, proportional_vectors=cfg.proportional_vectors))
+            base_model=cfg.base_model, segment_tokens=cfg.segment_tokens or NEW_SEGMENT_TOKENS,
+            summary_tokens=cfg.summary_tokens, hidden_size=bb.hidden_size,
+            vector_norm=None if norm is None else round(norm, 4), center_vectors=cfg.center_vectors,
+            proportional_vectors=cfg.proportional_vectors))
         if train_encoder:
             bb.add_adapter(ENCODER_ADAPTER, _lora(cfg.encoder_r, cfg.encoder_alpha, cfg.encoder_targets))
     if init and (init / "decoder").is_dir():

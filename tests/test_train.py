@@ -27,10 +27,10 @@ from lloco_index.generation import Generator
 from lloco_index.prompts import SYSTEM_PROMPT, qa_pieces, question_text
 from lloco_index.synth import KINDS, make_fact
 from lloco_index.bench_utils import Cost, Shape, save_random_model
-from lloco_index.train import (AE_QUESTION, DECODER_ADAPTER, DecoderBatcher, Example, TaskSampler, TrainConfig,
-                               _average_gradients, _lora, answer_loss, cut_vectors, encode_chunks, encoder_backward,
-                               exact_token_weights, qa_target, setup_models, step_flops, train_compressor,
-                               train_finetune)
+from lloco_index.train import (AE_QUESTION, DECODER_ADAPTER, NEW_SEGMENT_TOKENS, DecoderBatcher, Example,
+                               TaskSampler, TrainConfig, _average_gradients, _lora, answer_loss, cut_vectors,
+                               encode_chunks, encoder_backward, exact_token_weights, qa_target, setup_models,
+                               step_flops, train_compressor, train_finetune)
 
 # every field a tiny run changes from the production defaults (also the CLI flags of the CLI test)
 TINY = dict(segment_tokens=32, summary_tokens=4, encoder_r=2, encoder_alpha=4, decoder_r=2, decoder_alpha=4,
@@ -535,6 +535,8 @@ def test_a_continued_compressor_keeps_its_segment_length_unless_told_another(pre
     assert comp.config.segment_tokens == longer and comp.fingerprint() != saved
     torch.testing.assert_close(comp.summary.detach(), _tensors(out / "compressor/summary_embeddings.safetensors")
                                ["summary_embeddings"].to(comp.summary.dtype), atol=0, rtol=0)
+    _, fresh = setup_models(replace(cfg, segment_tokens=0), torch.device("cpu"))
+    assert fresh.config.segment_tokens == NEW_SEGMENT_TOKENS  # a new compressor without the flag
 
 
 def test_init_from_a_missing_folder_is_an_error_not_a_fresh_start(pretrained, tmp_path):
