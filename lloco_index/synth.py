@@ -70,7 +70,10 @@ class Fact:
     kind: int = -1  # the template family (make_fact's ``kind``)
 
 
-KINDS = 14
+KINDS = 16
+# kinds whose subject is drawn from a large space (a random person or name): two facts of one of these kinds
+# never share a subject, so one can be the other's distractor (kinds 1, 4 and 9 pick from short lists)
+MANY_SUBJECTS = frozenset(range(KINDS)) - {1, 4, 9}
 
 
 def make_fact(rng: random.Random, kind: int | None = None) -> Fact:
@@ -157,11 +160,19 @@ def _fact(rng: random.Random, kind: int) -> Fact:
                             f"What does a perfect day off mean for {p}?"),
                            (f"{p} left a note saying: {a1} and {a2}.", f"What did {p}'s note say?")])
         return Fact([s], q, f"{a1} and {a2}")
-    room, day = rng.randint(100, 999), rng.choice(["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"])
-    s = f"The {rng.choice(['budget', 'design', 'safety', 'planning'])} meeting led by {p} is on {day} in room {room}."
-    if rng.random() < 0.5:
-        return Fact([s], f"In which room is the meeting led by {p}?", str(room))
-    return Fact([s], f"On which day is the meeting led by {p}?", day)
+    if kind == 14:  # unreachable until the seventeenth session (kind 13 took its number); now a kind of its own
+        room, day = rng.randint(100, 999), rng.choice(["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"])
+        s = f"The {rng.choice(['budget', 'design', 'safety', 'planning'])} meeting led by {p} is on {day} in room {room}."
+        if rng.random() < 0.5:
+            return Fact([s], f"In which room is the meeting led by {p}?", str(room))
+        return Fact([s], f"On which day is the meeting led by {p}?", day)
+    if kind == 15:  # a person's number of 3-6 digits: among other people's numbers, only the name tells them apart
+        label = rng.choice(["locker number", "PIN", "phone extension", "membership number", "ticket number", "badge number"])
+        digits = rng.randint(3, 6)
+        n = str(rng.randint(10 ** (digits - 1), 10 ** digits - 1))
+        s = rng.choice([f"{p}'s {label} is {n}.", f"The {label} of {p} is {n}.", f"{p} was given the {label} {n}."])
+        return Fact([s], rng.choice([f"What is {p}'s {label}?", f"Which {label} does {p} have?"]), n)
+    raise ValueError(f"fact kinds are 0..{KINDS - 1}, got {kind}")
 
 
 def insert_sentence(text: str, sentence: str, rng: random.Random) -> str:

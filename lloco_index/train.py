@@ -40,7 +40,7 @@ from .data import QAExample
 from .eval.metrics import gold_choice
 from .generation import Generator, end_of_answer_id
 from .prompts import SYSTEM_PROMPT, ExpandAt, arrange_expanded, check_expand_at, qa_pieces, question_text
-from .synth import KINDS, Fact, insert_sentence, make_fact
+from .synth import KINDS, MANY_SUBJECTS, Fact, insert_sentence, make_fact
 
 logger = logging.getLogger(__name__)
 DECODER_ADAPTER = "default"
@@ -84,6 +84,9 @@ class TrainConfig:
     max_chunks: int = 64  # qa/cloze contexts have min_chunks..max_chunks chunks (log-uniform)
     min_chunks: int = 1  # raise it to train mostly on long contexts (the decoder reads them least well)
     max_facts: int = 3  # qa: facts hidden per context
+    # qa: chance that the facts are all of one kind, about different people or names (synth.MANY_SUBJECTS kinds),
+    # at least two: the answer must be bound to its subject, not picked out as the one fact of its kind
+    same_kind_prob: float = 0.0
     # qa: "kind:weight,..." draws those fact templates (synth.make_fact kinds) more or less often; the others
     # weigh 1. E.g. "3:3,8:3" triples the two-part answers that long contexts cut in half. Empty: uniform
     fact_weights: str = ""
@@ -122,7 +125,7 @@ class TrainConfig:
         check_expand_at(self.expand_at)
         if not 1 <= self.min_chunks <= self.max_chunks:
             raise ValueError(f"need 1 <= min_chunks <= max_chunks, got {self.min_chunks} and {self.max_chunks}")
-        for name in ("choice_prob", "full_chunk_prob"):
+        for name in ("choice_prob", "full_chunk_prob", "same_kind_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} is a probability in [0, 1], got {getattr(self, name)}")
         if not (self.train_encoder or self.train_decoder):
@@ -266,7 +269,11 @@ class TaskSampler:
     def qa(self, n_chunks: int, length: int) -> Example:
         """1..``max_facts`` facts hidden at sentence boundaries; the question asks about one of them,
         so the encoder must keep every fact, not guess which one matters."""
-        facts = [make_fact(self.rng, self._fact_kind()) for _ in range(self.rng.randint(1, self.cfg.max_facts))]
+        n_facts = self.rng.randint(1, self.cfg.max_facts)
+        if self.cfg.same_kind_prob and self.rng.random() < self.cfg.same_kind_prob:  # at 0 no draw: old data stay
+            facts = self._same_kind_facts(max(2, n_facts))
+        else:
+            facts = [make_fact(self.rng, self._fact_kind()) for _ in range(n_facts)]
         chunks = [self.corpus.window(self.nrng, length) for _ in range(n_chunks)]
         placed: dict[int, list[list[int]]] = {}
         for sentence in (s for f in facts for s in f.sentences):
@@ -287,6 +294,20 @@ class TaskSampler:
 
     def _fact_kind(self) -> int | None:
         return None if self.kind_weights is None else self.rng.choices(range(KINDS), self.kind_weights)[0]
+
+    def _same_kind_facts(self, n: int) -> list[Fact]:
+        """``n`` facts of one MANY_SUBJECTS kind (drawn with the kind weights) with distinct answers."""
+        kinds = sorted(MANY_SUBJECTS)
+        weights = None if self.kind_weights is None else [self.kind_weights[k] for k in kinds]
+        kind = self.rng.choices(kinds, weights)[0] if weights is None or sum(weights) else self.rng.choice(kinds)
+        facts: list[Fact] = []
+        for _ in range(20 * n):
+            fact = make_fact(self.rng, kind)
+            if all(fact.answer != f.answer and fact.question != f.question for f in facts):
+                facts.append(fact)
+            if len(facts) == n:
+                break
+        return facts
 
     def _multiple_choice(self, fact: Fact) -> tuple[str, str]:
         """The question with the answer and 3 wrong options of the same template family (digits where the

@@ -10,6 +10,7 @@ import json
 import os
 import math
 import random
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from lloco_index.compressor import ENCODER_ADAPTER, CompressorConfig, ContextCom
 from lloco_index.corpus import Corpus, build_corpus
 from lloco_index.generation import Generator
 from lloco_index.prompts import SYSTEM_PROMPT, qa_pieces, question_text
-from lloco_index.synth import KINDS, make_fact
+from lloco_index.synth import KINDS, MANY_SUBJECTS, make_fact
 from lloco_index.bench_utils import Cost, Shape, save_random_model
 from lloco_index.train import (AE_QUESTION, DECODER_ADAPTER, NEW_SEGMENT_TOKENS, DecoderBatcher, Example,
                                TaskSampler, TrainConfig, _average_gradients, _lora, answer_loss, cut_vectors,
@@ -694,6 +695,28 @@ def test_every_fact_template_answers_with_a_span_of_its_facts():
             assert fact.kind == kind and any(fact.answer in s for s in fact.sentences), (kind, fact)
     long = [make_fact(rng, 13).answer for _ in range(20)]  # the long two-part answers: 9+ words, a name inside
     assert all(len(a.split()) >= 9 and " and " in a and any(w[0].isupper() for w in a.split()) for a in long), long
+    with pytest.raises(ValueError, match=f"0..{KINDS - 1}"):
+        make_fact(rng, KINDS)
+
+
+def test_same_kind_facts_bind_answers_to_different_subjects(sampler, tokenizer):
+    """With same_kind_prob every fact of a context is of the asked fact's kind: the question's subject, not the
+    fact's kind, has to pick the answer (the dev sets' distractors are like that)."""
+    same = TaskSampler(sampler.corpus, tokenizer, replace(sampler.cfg, same_kind_prob=1.0, max_facts=4), seed=4)
+    for _ in range(40):
+        facts = same._same_kind_facts(4)
+        assert len({f.kind for f in facts}) == 1 and facts[0].kind in MANY_SUBJECTS and len(facts) == 4
+        assert len({f.answer for f in facts}) == 4 and len({f.question for f in facts}) == 4
+    only_numbers = ",".join(f"{k}:0" for k in range(KINDS) if k != 15)  # kind 15: a person's number
+    numbers = TaskSampler(sampler.corpus, tokenizer, replace(same.cfg, fact_weights=only_numbers), seed=5)
+    labels = re.compile(r"locker number|PIN|phone extension|membership number|ticket number|badge number")
+    for _ in range(30):
+        ex = numbers.qa(40, 32)
+        text = " ".join(tokenizer.decode(c) for c in ex.chunks)
+        assert len(labels.findall(text)) >= 2, text  # the asked number and at least one other person's
+        assert any(tokenizer.decode(ex.answer) in tokenizer.decode(ex.chunks[j]) for j in ex.grad_chunks)
+    with pytest.raises(ValueError, match="same_kind_prob"):
+        replace(sampler.cfg, same_kind_prob=2.0)
 
 
 def test_fact_weights_choose_which_fact_templates_qa_draws(sampler, tokenizer):
