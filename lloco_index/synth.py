@@ -160,7 +160,7 @@ def _fact(rng: random.Random, kind: int) -> Fact:
                             f"What does a perfect day off mean for {p}?"),
                            (f"{p} left a note saying: {a1} and {a2}.", f"What did {p}'s note say?")])
         return Fact([s], q, f"{a1} and {a2}")
-    if kind == 14:  # unreachable until the seventeenth session (kind 13 took its number); now a kind of its own
+    if kind == 14:  # a meeting's room or day
         room, day = rng.randint(100, 999), rng.choice(["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"])
         s = f"The {rng.choice(['budget', 'design', 'safety', 'planning'])} meeting led by {p} is on {day} in room {room}."
         if rng.random() < 0.5:
