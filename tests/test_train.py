@@ -803,6 +803,10 @@ def test_profile_script_reports_every_phase(tiny_model_dir, corpus_file, tmp_pat
         line = next(x for x in out.splitlines() if x.strip().startswith(f"train/{phase} "))
         assert line.endswith("(2 calls)")
     assert (tmp_path / "prof" / "trace.json").stat().st_size > 0
+    argv[argv.index(str(tmp_path / "prof"))] = str(tmp_path / "untraced")
+    out = subprocess.run(argv + ["--trace", "false"], check=True, capture_output=True, text=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root)}).stdout
+    assert "train/encode " in out and not (tmp_path / "untraced" / "trace.json").exists()
 
 
 def test_op_count_script_shows_the_lean_stack_dispatching_fewer_ops(tiny_model_dir):
