@@ -167,8 +167,10 @@ def _eval_parsers(parser: argparse.ArgumentParser) -> None:
     p.add_argument("reports", nargs="+", metavar="REPORT.json")
     p.add_argument("--out", default=None, help="also write the table to this file")
     p = sub.add_parser("compare", help="two QA reports on the same questions, paired: who got which right, sign test")
-    p.add_argument("a", metavar="A.json")
-    p.add_argument("b", metavar="B.json")
+    p.add_argument("a", metavar="A.json", help="a report, or several joined by commas (one per dev set), pooled")
+    p.add_argument("b", metavar="B.json", help="the other side's reports, in the same order")
+    p.add_argument("--metric", choices=("exact_match", "contains"), default="exact_match",
+                   help="what makes an open answer right (multiple choice: the option)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p = sub.add_parser("make-dev", help="write a seeded synthetic multi-document QA dev set")
     p.add_argument("--source", nargs="+", default=None, metavar="DIR",
@@ -465,8 +467,10 @@ def _eval_table(args) -> None:
 def _eval_compare(args) -> None:
     from .eval.report import compare_reports, read_report
 
-    res = compare_reports(read_report(args.a), read_report(args.b))
-    lines = [f"| questions | right in {args.a} | right in {args.b} | only A | only B | sign test p |",
+    res = compare_reports([read_report(f) for f in args.a.split(",")], [read_report(f) for f in args.b.split(",")],
+                          args.metric)
+    lines = [f"| questions ({args.metric} for open ones) | right in {args.a} | right in {args.b} | only A | only B "
+             "| sign test p |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {k.replace('_', ' ')} ({v['questions']}) | {v['right_a']} | {v['right_b']} | {v['only_a']} "
               f"| {v['only_b']} | {v['p']:.3f} |" for k, v in res.items() if v["questions"]]

@@ -250,7 +250,7 @@ def test_markdown_table(tiny_lloco, tmp_path):
 
 
 def _qa_report(open_right: list[int], mc_right: list[int]) -> dict:
-    preds = [{"id": f"o{i}", "exact_match": float(r)} for i, r in enumerate(open_right)]
+    preds = [{"id": f"o{i}", "exact_match": float(r), "contains": float(r)} for i, r in enumerate(open_right)]
     preds += [{"id": f"m{i}", "choices": ["x", "y"], "exact_match": 0.0, "correct": float(r)}
               for i, r in enumerate(mc_right)]
     return {"kind": "qa", "dataset_sha256": "d", "predictions": preds}
@@ -266,11 +266,35 @@ def test_compare_reports_pairs_questions_and_runs_a_sign_test(tmp_path):
     assert compare_reports(a, a)["open"]["p"] == 1.0  # nothing differs: no evidence either way
     with pytest.raises(ValueError, match="different questions"):
         compare_reports(a, _qa_report([1] * 24, [1, 0, 1]))
-    with pytest.raises(ValueError, match="two QA reports"):
+    with pytest.raises(ValueError, match="QA reports"):
         compare_reports(a, {"kind": "niah"})
     for name, r in (("a", a), ("b", b)):
         (tmp_path / f"{name}.json").write_text(json.dumps(r))
     assert main(["eval", "compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+
+
+def test_compare_pools_dev_sets_and_can_score_contained_answers(tmp_path, capsys):
+    """Several dev sets pool into one sign test (question ids repeat across sets: each set is its own), and open
+    answers can count as right when they contain the gold answer, as the dev tables in docs/ do."""
+    a = _qa_report([1] * 10 + [0] * 10 + [1] * 5, [1, 0, 1])
+    b = _qa_report([1] * 10 + [1] * 10 + [0] * 5, [1, 1, 0])
+    pooled = compare_reports([a, a], [b, b])
+    assert pooled["open"] == {"questions": 50, "right_a": 30, "right_b": 40, "only_a": 10, "only_b": 20,
+                              "p": round(2 * sum(comb(30, i) for i in range(11)) / 2 ** 30, 4)}
+    lenient = {**b, "predictions": [{**p, "exact_match": 0.0} for p in b["predictions"]]}  # contained, not exact
+    assert compare_reports(a, lenient)["open"]["right_b"] == 0
+    assert compare_reports(a, lenient, "contains")["open"] == compare_reports(a, b)["open"]
+    with pytest.raises(ValueError, match="report i of A with report i of B"):
+        compare_reports([a, a], [b])
+    with pytest.raises(ValueError, match="reports 2 of A and B answer different questions"):
+        compare_reports([a, a], [b, _qa_report([1] * 24, [1, 0, 1])])
+    with pytest.raises(ValueError, match="exact_match or contains"):
+        compare_reports(a, b, "f1")
+    for name, r in (("a", a), ("b", b)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+    two = f"{tmp_path / 'a.json'},{tmp_path / 'a.json'}", f"{tmp_path / 'b.json'},{tmp_path / 'b.json'}"
+    assert main(["eval", "compare", *two, "--metric", "contains", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["open"]["questions"] == 50
 
 
 @pytest.fixture()

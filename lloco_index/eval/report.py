@@ -138,17 +138,29 @@ def _sign_test_p(a: int, b: int) -> float:
     return 1.0 if n == 0 else min(1.0, 2 * sum(comb(n, i) for i in range(min(a, b) + 1)) / 2 ** n)
 
 
-def compare_reports(a: dict, b: dict) -> dict[str, dict]:
-    """Two QA reports on the same questions, paired: per kind (open questions by EM, multiple choice by
-    accuracy), how many only ``a`` got right, only ``b``, and the sign test's p. Why paired: two versions
-    differ on a few questions each way, and a 2-point EM gap on 157 questions can be noise or not."""
-    if a.get("kind") != "qa" or b.get("kind") != "qa":
-        raise ValueError("compare needs two QA reports (lloco eval qa)")
-    pa, pb = ({p["id"]: p for p in r["predictions"]} for r in (a, b))
-    if pa.keys() != pb.keys() or a.get("dataset_sha256") != b.get("dataset_sha256"):
-        raise ValueError("the two reports answer different questions (other dataset or --limit): nothing to pair")
+def compare_reports(a: dict | list[dict], b: dict | list[dict], metric: str = "exact_match") -> dict[str, dict]:
+    """Two QA reports on the same questions, paired: per kind (open questions by ``metric``, "exact_match" or
+    "contains"; multiple choice by accuracy), how many only ``a`` got right, only ``b``, and the sign test's p.
+    Why paired: two versions differ on a few questions each way, and a 2-point EM gap on 157 questions can be noise
+    or not. Lists of reports (one per dev set, in the same order on both sides) are pooled into one test."""
+    if metric not in ("exact_match", "contains"):
+        raise ValueError(f"compare scores open questions by exact_match or contains, not {metric!r}")
+    a, b = ([a] if isinstance(a, dict) else a), ([b] if isinstance(b, dict) else b)
+    if len(a) != len(b) or not a:
+        raise ValueError(f"compare pairs report i of A with report i of B: got {len(a)} and {len(b)}")
+    pa: dict[tuple[int, str], dict] = {}
+    pb: dict[tuple[int, str], dict] = {}
+    for n, (ra, rb) in enumerate(zip(a, b)):
+        if ra.get("kind") != "qa" or rb.get("kind") != "qa":
+            raise ValueError("compare needs QA reports (lloco eval qa)")
+        qa, qb = ({p["id"]: p for p in r["predictions"]} for r in (ra, rb))
+        if qa.keys() != qb.keys() or ra.get("dataset_sha256") != rb.get("dataset_sha256"):
+            raise ValueError(f"reports {n + 1} of A and B answer different questions (other dataset or --limit): "
+                             "nothing to pair")
+        pa.update({(n, i): p for i, p in qa.items()})
+        pb.update({(n, i): p for i, p in qb.items()})
     out = {}
-    for kind, key in (("open", "exact_match"), ("multiple_choice", "correct")):
+    for kind, key in (("open", metric), ("multiple_choice", "correct")):
         ids = [i for i in pa if ("choices" in pa[i]) == (kind == "multiple_choice")]
         only_a = sum(pa[i][key] > 0 and not pb[i][key] > 0 for i in ids)
         only_b = sum(pb[i][key] > 0 and not pa[i][key] > 0 for i in ids)
