@@ -3,7 +3,8 @@
 The dev sets' ids end in their type (`dev-0007-code`, `...-multihop-teacher`; `lloco_index/eval/devset.py`), and each
 question carries facts of its kind about other people: a wrong door code is "another person's" when it is one of
 those, "garbled" when it shares 2+ digits in place with the gold code, else "other number" (or "no number").
-Open questions count `contains`, multiple choice `correct`, as the reports' metrics do.
+Open questions count `contains`, multiple choice `correct`, as the reports' metrics do; `--split-choices` counts
+multiple-choice questions per type (e.g. a set made with `lloco eval make-dev --multiple-choice 1.0`).
 
     python3 scripts/dev_breakdown.py --dev dev.jsonl dev_seed1.jsonl --run full=qa_full_base.json,qa_s1_full_base.json \\
         --run S576=qa_S576_lloco.json,qa_s1_S576_lloco.json
@@ -41,6 +42,8 @@ def main() -> None:
     ap.add_argument("--dev", nargs="+", required=True, help="dev set JSONL files, in the order of each run's reports")
     ap.add_argument("--run", action="append", required=True, metavar="NAME=REPORT,REPORT",
                     help="a name and one report per dev set")
+    ap.add_argument("--split-choices", action="store_true",
+                    help="count multiple-choice questions under their own type ('code-choice'), not as one row")
     args = ap.parse_args()
     runs = {}
     for item in args.run:
@@ -54,7 +57,9 @@ def main() -> None:
         preds = {name: load_predictions(reports[i]) for name, reports in runs.items()}
         with open(dev) as f:
             for q in map(json.loads, f):
-                kind = "multiple choice" if q.get("choices") else q["id"].split("-", 2)[2]
+                kind = q["id"].split("-", 2)[2]
+                if q.get("choices") and not args.split_choices:
+                    kind = "multiple choice"
                 right[kind]["questions"] += 1
                 for name, p in preds.items():
                     pred = p[q["id"]]

@@ -35,6 +35,9 @@ def test_dev_breakdown_sorts_wrong_codes(tmp_path):
     assert "| code | 4 | 1 |" in out and "| year | 1 | 1 |" in out and "| multiple choice | 1 | 1 |" in out
     assert "| all | 6 | 3 |" in out
     assert "| R | 1 | 1 | 1 | 0 | 1 |" in out  # right, another person's (5678), garbled (12349), -, no number
+    split = subprocess.run([sys.executable, str(ROOT / "scripts" / "dev_breakdown.py"), "--dev", str(dev),
+                            "--run", f"R={report}", "--split-choices"], check=True, capture_output=True, text=True).stdout
+    assert "| year-choice | 1 | 1 |" in split and "multiple choice" not in split
 
 
 def test_dev_breakdown_wants_one_report_per_dev_set(tmp_path):
