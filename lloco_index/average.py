@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from .compressor import CONFIG_NAME, SUMMARY_NAME
 
-ADAPTER_FILES = ("compressor/encoder", "decoder")  # PEFT folders a run may hold
+ADAPTER_FOLDERS = ("compressor/encoder", "decoder")  # PEFT folders a run may hold
 
 
 def average_runs(runs: Sequence[str | Path], out: str | Path,
@@ -48,7 +48,7 @@ def average_runs(runs: Sequence[str | Path], out: str | Path,
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         errors = {}
-        for folder in ADAPTER_FILES:
+        for folder in ADAPTER_FOLDERS:
             if (runs[0] / folder).is_dir():
                 (tmp / folder).mkdir(parents=True)
                 errors[folder] = _average_adapter([r / folder for r in runs], share, tmp / folder)

@@ -18,14 +18,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from lloco_index.cli import split_options
-from lloco_index.train import TrainConfig, train_compressor
+from lloco_index.train import TrainConfig, _parse_bool, train_compressor
 
 
 def main(argv: list[str]) -> None:
     options = split_options(argv)[0]
-    trace = options.pop("trace", "true").lower()
-    if trace not in ("true", "false"):
-        raise SystemExit(f"--trace takes true or false, got {trace!r}")
+    trace = _parse_bool("trace", options.pop("trace", "true"))
     cfg = TrainConfig.from_args({"out_dir": "runs/profile", "max_steps": "12", "eval_every": "100000",
                                  "save_every": "100000", **options})
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
@@ -37,7 +35,7 @@ def main(argv: list[str]) -> None:
     for e in sorted((e for e in events if e.key.startswith("train/")), key=lambda e: -e.cpu_time_total):
         print(f"  {e.key:<22} {e.cpu_time_total / 1e3:10.1f} ms  ({e.count} calls)")
     print(events.table(sort_by=f"self_{device}_time_total", row_limit=25))
-    if trace == "true":
+    if trace:
         out = Path(cfg.out_dir) / "trace.json"
         prof.export_chrome_trace(str(out))
         print(f"trace: {out}")

@@ -22,7 +22,7 @@ def _write(tmp_path: Path, predictions: dict[str, tuple[str, float]]) -> tuple[P
     report = tmp_path / "report.json"
     preds = [{"id": i, "prediction": p, **({"correct": s} if i.endswith("choice") else {"contains": s})}
              for i, (p, s) in predictions.items()]
-    report.write_text(json.dumps({"metrics": {}, "predictions": preds}))
+    report.write_text(json.dumps({"kind": "qa", "metrics": {}, "predictions": preds}))
     return dev, report
 
 
