@@ -97,6 +97,19 @@ def test_modes_share_chunks_and_layout(tiny_lloco):
     assert [p for p in expanded.pieces if isinstance(p, str) and texts_all[last] in p]
 
 
+def test_lloco_top_k_mode_is_what_answer_top_k_does(tiny_lloco):
+    """docs/quality.md reports `lloco eval qa --mode lloco --top-k K` as `LLoCO.answer(..., top_k=K)`: same chunks,
+    same prompt, same answer."""
+    q, docs = "What is the museum cat called?", [MUSEUM[:700], "The museum cat is called Biscuit."]
+    cfg = GenerationConfig(max_new_tokens=4)
+    built = PromptBuilder(tiny_lloco, "lloco", top_k=2).build([(q, docs)])[0]
+    answer = tiny_lloco.answer(q, docs, config=cfg, top_k=2)
+    keys = tiny_lloco.compress_texts([c.text for d in docs for c in tiny_lloco.chunk(d)])
+    assert [keys[i] for i in built.chunks] == answer.chunks
+    assert built.positions == answer.prompt_tokens
+    assert tiny_lloco.generator.generate([built.pieces], cfg, tiny_lloco.adapter)[0].text.strip() == answer.answer
+
+
 def test_full_mode_truncates_the_middle_or_refuses(tiny_lloco):
     long_doc = " ".join(f"Sentence {i} is here." for i in range(400))  # far beyond the 1024-position window
     cut = PromptBuilder(tiny_lloco, "full", max_new_tokens=8).build([("Which sentence?", [long_doc])])[0]
