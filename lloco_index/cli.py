@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ask", help="answer from the top-k retrieved compressed chunks")
     p.add_argument("question")
     p.add_argument("--store", required=True)
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=int, default=5,
+                   help="chunks retrieved (BM25, default 5); fewer, even 1, suit one-fact questions, more suit "
+                        "questions that chain facts (docs/quality.md)")
     p.add_argument("--stream", action="store_true")
     _answering(p)
 
@@ -81,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accumulate", action="store_true",
                    help="compress each file whole in AutoCompressor's recurrent mode, as LLoCO did (not cached)")
     p.add_argument("--top-k", type=int, default=None,
-                   help="keep only the K chunks most relevant to the question (BM25); recommended for long inputs")
+                   help="keep only the K chunks most relevant to the question (BM25); recommended for long inputs "
+                        "and one-fact questions (docs/quality.md)")
     _answering(p)
 
     p = sub.add_parser("info", help="describe a store")
