@@ -45,12 +45,12 @@ def rescore(lloco: LLoCO, examples: list[QAExample], report: dict, batch_size: i
         scores = iter(lloco.generator.score([p for p, _ in asked], [o for _, o in asked], lloco.adapter)
                       if asked else [])
         for ex, opts in zip(part, rewrites):
-            pred = predictions[ex.id]
-            s = next(scores) if opts else []
-            best = opts[s.index(max(s))] if opts else pred
+            pred = best = predictions[ex.id]
+            if opts:  # documents without a 3+-digit number leave the answer as it is
+                s = next(scores)
+                best = opts[s.index(max(s))]
             rows.append({"id": ex.id, "answers": ex.answers, "generated": pred,
-                         "absent": pred if pred in opts or not opts else best, "always": best,
-                         "candidates": len(opts)})
+                         "absent": pred if pred in opts else best, "always": best, "candidates": len(opts)})
     return rows
 
 
